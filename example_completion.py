@@ -1,0 +1,59 @@
+"""Code completion: the model continues each prompt.
+
+    torchrun --nproc_per_node 1 example_completion.py --ckpt_dir CodeLlama-7b/ --tokenizer_path CodeLlama-7b/tokenizer.model
+"""
+
+from typing import Optional
+
+import fire
+
+from llama import Llama
+from llama.distributed import is_main_process
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    temperature: float = 0.2,
+    top_p: float = 0.9,
+    max_seq_len: int = 256,
+    max_batch_size: int = 4,
+    max_gen_len: Optional[int] = None,
+):
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+    )
+
+    prompts = [
+        # For these prompts, the expected answer is the natural continuation of the prompt
+        """\
+import argparse
+
+def main(string: str):
+    print(string)
+    print(string[::-1])
+
+if __name__ == "__main__":""",
+        """\
+def merge_sorted(a: list[int], b: list[int]) -> list[int]:
+    \"\"\"Merge two sorted lists into one sorted list.\"\"\"
+""",
+    ]
+    results = generator.text_completion(
+        prompts,
+        max_gen_len=max_gen_len,
+        temperature=temperature,
+        top_p=top_p,
+    )
+    if is_main_process():
+        for prompt, result in zip(prompts, results):
+            print(prompt)
+            print(f"> {result['generation']}")
+            print("\n==================================\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

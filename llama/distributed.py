@@ -1,0 +1,83 @@
+"""Process groups and devices: torchrun or plain python, one node or several, CUDA, MPS or CPU."""
+
+import atexit
+import contextlib
+import io
+import os
+from typing import Optional, Union
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """True on global rank 0, the process that prints."""
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0
+
+
+def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
+    """The device for this process: the one asked for, else CUDA (GPU LOCAL_RANK), else MPS
+    (single process only), else CPU. A bare "cuda" means GPU LOCAL_RANK."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif torch.backends.mps.is_available() and world_size() == 1:
+            device = "mps"
+        else:
+            device = "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was asked for, but PyTorch sees no CUDA GPU; use device='cpu'")
+        if device.index is None:
+            if local_rank >= torch.cuda.device_count():
+                raise RuntimeError(
+                    f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: start at "
+                    "most one process per GPU (torchrun --nproc_per_node N with N <= the number of GPUs)"
+                )
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def setup_model_parallel(model_parallel_size: Optional[int], device: torch.device) -> int:
+    """Join (or make) the process group and fairscale's model-parallel groups; returns the degree.
+
+    Under torchrun every process joins through the environment (nccl for CUDA, gloo otherwise).
+    A plain `python` run makes a one-process group that needs no network. Calling this again in
+    the same process reuses the groups, so Llama.build can be called more than once."""
+    if not dist.is_initialized():
+        n = int(os.environ.get("WORLD_SIZE", 1))
+        if n > 1:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        else:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        atexit.register(_destroy)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    n = dist.get_world_size()
+    mp = n if model_parallel_size is None else model_parallel_size
+    if not isinstance(mp, int) or isinstance(mp, bool) or mp < 1 or n % mp != 0:
+        raise ValueError(
+            f"model_parallel_size={model_parallel_size!r} must be a positive divisor of the number of "
+            f"processes ({n}); start one process per model-parallel rank, e.g. torchrun --nproc_per_node {mp}"
+        )
+    if fs_init.model_parallel_is_initialized():
+        if fs_init.get_model_parallel_world_size() == mp:
+            return mp
+        fs_init.destroy_model_parallel()
+    with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes
+        fs_init.initialize_model_parallel(mp)
+    return mp
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

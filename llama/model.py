@@ -1,0 +1,330 @@
+"""The Llama-2 / Code Llama Transformer, sharded over model-parallel ranks with fairscale.
+
+Only math lives here: no devices are chosen, no files are read, no process groups are made.
+Parameter names are exactly the keys of Meta's consolidated checkpoints.
+
+Shapes in comments: B batch, T new tokens, S cached positions attended, H heads, D head dim.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import fairscale.nn.model_parallel.layers as fs_layers
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # grouped-query attention when smaller than n_heads
+    vocab_size: int = -1  # set from the tokenizer
+    multiple_of: int = 256  # FFN width is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # Code Llama's params.json says 1e6
+
+    max_batch_size: int = 32  # runtime limits: the KV cache never grows past them
+    max_seq_len: int = 2048
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# fairscale's parallel layers allocate and initialise full weights in __init__ with the legacy
+# `torch.Tensor(...)` constructor, which ignores `with torch.device("meta")`. These subclasses keep
+# fairscale's forward (and so its collectives) but only declare the local shard, so the model can be
+# built on the meta device and the checkpoint's tensors assigned in place: nothing is allocated twice.
+
+
+class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    """y = x W^T with W split by rows (output features) over the model-parallel ranks."""
+
+    def __init__(self, in_features: int, out_features: int, gather_output: bool):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.gather_output = gather_output
+        world = fs_init.get_model_parallel_world_size()
+        self.output_size_per_partition = out_features // world
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features))
+        self.register_parameter("bias", None)
+
+
+class RowParallelLinear(fs_layers.RowParallelLinear):
+    """y = x W^T with W split by columns (input features); partial results are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.input_is_parallel = True
+        world = fs_init.get_model_parallel_world_size()
+        self.input_size_per_partition = in_features // world
+        self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
+        self.register_parameter("bias", None)
+
+
+class ParallelEmbedding(fs_layers.ParallelEmbedding):
+    """Embedding split along the embedding dimension; the slices are all-gathered."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
+        self.scale_grad_by_freq, self.sparse, self._weight = False, False, None
+        world = fs_init.get_model_parallel_world_size()
+        self.embedding_dim_per_partition = embedding_dim // world
+        self.weight = nn.Parameter(torch.empty(num_embeddings, self.embedding_dim_per_partition))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles for `positions` (any shape) -> (*positions.shape, head_dim // 2).
+
+    Angles are computed in float64 (float32 where the device has no float64, such as MPS) and
+    returned in float32, so positions near 100k keep their precision."""
+    device = positions.device
+    dt = torch.float32 if device.type == "mps" else torch.float64
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dt) / head_dim))
+    angles = positions.to(dt)[..., None] * inv_freq
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) in float32, as Meta's layout expects.
+
+    cos, sin: (B or 1, T, D // 2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for one batch, laid out (layer, B, H_kv, S, D) for attention.
+
+    It starts empty and grows (contents kept) to what a call asks for, never past the model's
+    max_batch_size x max_seq_len. Lengths are rounded up so a growing sequence rarely reallocates."""
+
+    ROUND = 256
+
+    def __init__(self, args: ModelArgs, n_local_kv_heads: int, dtype: torch.dtype, device: torch.device):
+        self.args = args
+        shape = (args.n_layers, 0, n_local_kv_heads, 0, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def seq_len(self) -> int:
+        return self.k.shape[3]
+
+    def reserve(self, batch_size: int, seq_len: int) -> None:
+        """Make room for `batch_size` rows of `seq_len` positions, keeping what is cached."""
+        if batch_size <= self.batch_size and seq_len <= self.seq_len:
+            return
+        rounded = -(-seq_len // self.ROUND) * self.ROUND
+        new_s = max(self.seq_len, min(rounded, self.args.max_seq_len))
+        new_b = max(self.batch_size, batch_size)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((old.shape[0], new_b, old.shape[2], new_s, old.shape[4]))
+            new[:, : old.shape[1], :, : old.shape[3]] = old
+            setattr(self, name, new)
+
+
+@dataclass
+class AttentionPlan:
+    """Where a forward pass writes keys/values and which cached positions each query may see.
+
+    Built once per forward and shared by all layers."""
+
+    start: Optional[int]  # every row writes positions start..start+T-1 (None: see `positions`)
+    positions: Optional[torch.Tensor]  # (B,) per-row write position of the single new token
+    kv_len: int  # queries attend to cache positions [0, kv_len)
+    mask: Optional[torch.Tensor]  # bool, broadcastable to (B, 1, T, kv_len); True = may attend
+    is_causal: bool  # plain causal mask, used when keys are exactly the T new tokens
+
+
+def attention_plan(
+    start_pos: Union[int, torch.Tensor], seqlen: int, bsz: int, device: torch.device,
+    kv_len: Optional[int] = None,
+) -> AttentionPlan:
+    """kv_len: with per-row positions, 1 + their maximum if the caller knows it (saves a sync)."""
+    if isinstance(start_pos, int):
+        kv_len = start_pos + seqlen
+        if seqlen == 1:
+            return AttentionPlan(start_pos, None, kv_len, None, False)
+        if start_pos == 0:
+            return AttentionPlan(0, None, kv_len, None, True)
+        # A chunk after cached positions: query t sees keys 0..start_pos+t (lower-right causal).
+        q = torch.arange(seqlen, device=device)[:, None] + start_pos
+        return AttentionPlan(start_pos, None, kv_len, torch.arange(kv_len, device=device) <= q, False)
+    if seqlen != 1:
+        raise ValueError("per-row positions are only supported for one new token per row")
+    positions = start_pos
+    if kv_len is None:
+        kv_len = int(positions.max()) + 1
+    mask = torch.arange(kv_len, device=device) <= positions[:, None]  # (B, kv_len)
+    return AttentionPlan(None, positions, kv_len, mask.view(bsz, 1, 1, kv_len), False)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        world = fs_init.get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // world
+        self.n_local_kv_heads = args.n_kv_heads // world
+        self.head_dim = args.head_dim
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False)
+        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, gather_output=False)
+        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, gather_output=False)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        plan: AttentionPlan,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+
+        if plan.positions is None:
+            cache_k[:bsz, :, plan.start : plan.start + seqlen] = k
+            cache_v[:bsz, :, plan.start : plan.start + seqlen] = v
+        else:
+            rows = torch.arange(bsz, device=x.device)
+            cache_k[rows, :, plan.positions] = k[:, :, 0]
+            cache_v[rows, :, plan.positions] = v[:, :, 0]
+        keys = cache_k[:bsz, :, : plan.kv_len]  # (B, H_kv, S, D)
+        values = cache_v[:bsz, :, : plan.kv_len]
+
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=plan.mask, is_causal=plan.is_causal,
+            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
+        )  # (B, H, T, D)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
+        self.w2 = RowParallelLinear(hidden_dim, dim)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, plan: AttentionPlan) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache_k, cache_v, plan)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
+        self.cache: Optional[KVCache] = None  # made on first use, on the weights' device
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits (float32) for every position of `tokens` (B, T), which sit at positions
+        start_pos..start_pos+T-1 after whatever this model's KV cache holds before start_pos."""
+        if start_pos + tokens.shape[1] > self.params.max_seq_len:
+            raise ValueError(
+                f"positions up to {start_pos + tokens.shape[1]} exceed max_seq_len={self.params.max_seq_len}; "
+                "build the model with a larger max_seq_len"
+            )
+        if tokens.shape[0] > self.params.max_batch_size:
+            raise ValueError(
+                f"batch of {tokens.shape[0]} exceeds max_batch_size={self.params.max_batch_size}"
+            )
+        self.reserve_cache(tokens.shape[0], start_pos + tokens.shape[1])
+        return self.logits(self.hidden(tokens, start_pos))
+
+    def reserve_cache(self, batch_size: int, seq_len: int) -> KVCache:
+        if self.cache is None:
+            weight = self.output.weight
+            n_kv = self.layers[0].attention.n_local_kv_heads
+            self.cache = KVCache(self.params, n_kv, weight.dtype, weight.device)
+        self.cache.reserve(batch_size, seq_len)
+        return self.cache
+
+    def hidden(
+        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], kv_len: Optional[int] = None
+    ) -> torch.Tensor:
+        """Final normalised hidden states (B, T, dim) of `tokens`, writing their keys and values
+        into the cache, which must already have room (see `reserve_cache`).
+
+        start_pos: an int shared by all rows, or a (B,) tensor of per-row positions (T == 1),
+        then kv_len may give 1 + the largest of them."""
+        bsz, seqlen = tokens.shape
+        plan = attention_plan(start_pos, seqlen, bsz, tokens.device, kv_len)
+        if plan.positions is None:
+            positions = torch.arange(plan.start, plan.start + seqlen, device=tokens.device)[None]
+        else:
+            positions = plan.positions[:, None]
+        cos, sin = rotary_cos_sin(positions, self.params.head_dim, self.params.rope_theta)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, self.cache.k[i], self.cache.v[i], plan)
+        return self.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(h).float()

@@ -1,0 +1,83 @@
+"""Sentencepiece tokenizer with Code Llama's special pieces."""
+
+from pathlib import Path
+from typing import List, Optional
+
+from sentencepiece import SentencePieceProcessor
+
+# Pieces that only some Code Llama tokenizers have.
+PREFIX_PIECE, MIDDLE_PIECE, SUFFIX_PIECE, EOT_PIECE = "▁<PRE>", "▁<MID>", "▁<SUF>", "▁<EOT>"
+STEP_PIECE = "<step>"  # ends a turn in the 70B Instruct dialog format
+# Encoding "☺" + s and dropping the first two pieces ("▁", "☺") encodes s without sentencepiece's
+# implicit leading space; this is how the infilling models were prompted.
+SMILEY_PIECE = "☺"
+
+
+class Tokenizer:
+    def __init__(self, model_path: str):
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer model not found: {model_path!r}. Pass the tokenizer.model file that came "
+                "with the checkpoint (for example --tokenizer_path CodeLlama-7b/tokenizer.model)."
+            )
+        try:
+            self.sp_model = SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(
+                f"{model_path!r} is not a sentencepiece model ({e}). Pass the tokenizer.model file of "
+                "the checkpoint; if it is truncated, download it again."
+            ) from None
+
+        self.n_words: int = self.sp_model.vocab_size()
+        self.bos_id: int = self.sp_model.bos_id()
+        self.eos_id: int = self.sp_model.eos_id()
+        self.pad_id: int = self.sp_model.pad_id()  # -1 in the released models: there is no pad piece
+
+        self.prefix_id: Optional[int] = self._piece_id(PREFIX_PIECE)
+        self.middle_id: Optional[int] = self._piece_id(MIDDLE_PIECE)
+        self.suffix_id: Optional[int] = self._piece_id(SUFFIX_PIECE)
+        self.eot_id: Optional[int] = self._piece_id(EOT_PIECE)
+        self.step_id: Optional[int] = self._piece_id(STEP_PIECE)
+        self._smiley_id: Optional[int] = self._piece_id(SMILEY_PIECE)
+
+    def _piece_id(self, piece: str) -> Optional[int]:
+        """The id of `piece`, or None if the vocabulary lacks it (sentencepiece answers unk)."""
+        i = self.sp_model.piece_to_id(piece)
+        return None if i == self.sp_model.unk_id() else i
+
+    @property
+    def has_infilling(self) -> bool:
+        return None not in (self.prefix_id, self.middle_id, self.suffix_id, self.eot_id)
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        if not isinstance(s, str):
+            raise TypeError(f"can only encode str, not {type(s).__name__}")
+        t = self.sp_model.encode(s)
+        if bos:
+            t = [self.bos_id] + t
+        if eos:
+            t = t + [self.eos_id]
+        return t
+
+    def decode(self, t: List[int]) -> str:
+        return self.sp_model.decode([tk for tk in t if tk != -1])
+
+    def token_piece(self, t: int) -> str:
+        return self.sp_model.id_to_piece(t)
+
+    def encode_infilling(self, s: str) -> List[int]:
+        """Encode a string without an implicit leading space."""
+        if not isinstance(s, str):
+            raise TypeError(f"can only encode str, not {type(s).__name__}")
+        self._require_smiley()
+        return self.sp_model.encode(SMILEY_PIECE + s)[2:]
+
+    def decode_infilling(self, t: List[int]) -> str:
+        """Decode a string without an implicit leading space."""
+        self._require_smiley()
+        return self.sp_model.decode([self._smiley_id] + [tk for tk in t if tk != -1])[1:]
+
+    def _require_smiley(self) -> None:
+        if self._smiley_id is None:
+            raise ValueError(f"this tokenizer has no {SMILEY_PIECE!r} piece, which infilling needs")

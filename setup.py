@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="codellama",
+    version="0.1.0",
+    description="Code Llama inference: a drop-in replacement for Meta's reference llama package",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["llama", "llama.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.5",  # scaled_dot_product_attention with grouped-query attention
+        "fairscale",
+        "fire",
+        "sentencepiece",
+        "protobuf",  # python -m llama.tiny edits sentencepiece models
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest"]},
+)
