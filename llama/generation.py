@@ -324,7 +324,8 @@ class Llama:
         tokens = torch.zeros((bsz, max(lengths)), dtype=torch.long, device=device)  # right-padded
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-        model.reserve_cache(bsz, max(n + b for n, b in zip(lengths, budgets)))
+        total_len = max(n + b for n, b in zip(lengths, budgets))  # positions in use: [0, total_len)
+        model.reserve_cache(bsz, total_len)
         h = model.hidden(tokens, 0)  # padding only ever follows a row's prompt: causal attention ignores it
         prompt_lp = self._prompt_logprobs(h, tokens, lengths) if logprobs and echo else None
         rows = torch.arange(bsz, device=device)
@@ -346,9 +347,10 @@ class Llama:
             if step + 1 == n_steps or bool(done.all()):
                 break
             start = lengths[0] + step if same_length else positions
-            h = model.hidden(next_token[:, None], start, kv_len=max(lengths) + step + 1)
+            h = model.hidden(next_token[:, None], start, kv_len=min(max(lengths) + step + 1, total_len))
             logits = model.logits(h[:, -1])
-            positions = positions + 1
+            # A row past its budget keeps rewriting its last position: its output is already final.
+            positions = (positions + 1).clamp_(max=total_len - 1)
 
         gen = torch.stack(new_tokens, 1).tolist() if new_tokens else [[] for _ in prompts]
         gen_lp = torch.stack(new_lp, 1).tolist() if new_lp else [[] for _ in prompts]

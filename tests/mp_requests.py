@@ -1,0 +1,52 @@
+"""Run under torchrun: the same requests as tests/test_distributed.py runs in one process.
+
+    torchrun --standalone --nproc_per_node 2 tests/mp_requests.py CKPT_DIR STEP_CKPT_DIR OUT_DIR
+
+Each rank writes its answers to OUT_DIR/rank{R}.json. Both checkpoints are built in the same
+process, one after the other."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch.distributed as dist  # noqa: E402
+
+from llama import Llama  # noqa: E402
+
+PROMPTS = ["def fibonacci(n: int) -> int:", "import os", "The quick brown fox jumps over the lazy dog. Write"]
+PREFIX, SUFFIX = "def add(a, b):\n    ", "\n    return c\n"
+DIALOG = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is a list?"},
+    {"role": "assistant", "content": "A sequence."},
+    {"role": "user", "content": "And a dict?"},
+]
+
+
+def requests(generator: Llama) -> dict:
+    return {
+        "completion": generator.text_completion(PROMPTS, temperature=0, max_gen_len=12, logprobs=True),
+        "echo": generator.generate([[1, 45, 300, 12]], max_gen_len=6, temperature=0, logprobs=True, echo=True),
+        "sampled": generator.text_completion(PROMPTS, temperature=0.8, top_p=0.95, max_gen_len=12),
+        "infill": generator.text_infilling([PREFIX], [SUFFIX], temperature=0, max_gen_len=10, logprobs=True),
+        "infill_spm": generator.text_infilling([PREFIX], [SUFFIX], temperature=0, max_gen_len=10, suffix_first=True),
+        "chat": generator.chat_completion([DIALOG], temperature=0, max_gen_len=10, logprobs=True),
+    }
+
+
+def step_requests(generator: Llama) -> dict:
+    return {"chat70b": generator.chat_completion([DIALOG[1:]], temperature=0, max_gen_len=10, logprobs=True)}
+
+
+def build(ckpt_dir: str) -> Llama:
+    return Llama.build(ckpt_dir, f"{ckpt_dir}/tokenizer.model", max_seq_len=128, max_batch_size=4,
+                       device="cpu", dtype="float32")
+
+
+if __name__ == "__main__":
+    ckpt, step_ckpt, out = sys.argv[1:4]
+    answers = requests(build(ckpt))
+    answers.update(step_requests(build(step_ckpt)))
+    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(answers))

@@ -1,0 +1,180 @@
+"""Generation against the naive implementation's greedy decoding, prompt by prompt."""
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from llama import Llama
+from llama.generation import UNSAFE_ERROR
+from naive import NaiveLlama
+
+PROMPTS = ["def fibonacci(n: int) -> int:", "import os", "The quick brown fox jumps over the lazy dog. Write"]
+
+
+@pytest.fixture(scope="module")
+def naive(tiny_dir):
+    return NaiveLlama(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def sp(tiny_dir):
+    return spm.SentencePieceProcessor(model_file=str(tiny_dir / "tokenizer.model"))
+
+
+def assert_logprobs_close(got, expected, atol=1e-3):
+    assert len(got) == len(expected)
+    assert max((abs(a - b) for a, b in zip(got, expected)), default=0.0) < atol
+
+
+def test_greedy_completion_matches_naive(generator, naive, sp):
+    """A ragged batch gives each prompt the greedy tokens and log-probabilities of a full recompute."""
+    results = generator.text_completion(PROMPTS, temperature=0, max_gen_len=12, logprobs=True)
+    for prompt, result in zip(PROMPTS, results):
+        tokens, logprobs = naive.greedy([1] + sp.encode(prompt), 12, stop_ids={2})
+        assert result["generation"] == sp.decode(tokens)
+        assert result["tokens"] == [sp.decode([t]) for t in tokens]
+        assert_logprobs_close(result["logprobs"], logprobs)
+
+
+def test_logprobs_are_real_values(generator):
+    """The reference scores generated tokens before writing them and returns -0.0; these are not."""
+    (result,) = generator.text_completion(PROMPTS[:1], temperature=0, max_gen_len=5, logprobs=True)
+    assert all(lp < 0 for lp in result["logprobs"])
+
+
+def test_echo_returns_prompt_and_its_logprobs(generator, naive, sp):
+    prompt = [1] + sp.encode(PROMPTS[0])
+    tokens, logprobs = generator.generate([prompt], max_gen_len=6, temperature=0, logprobs=True, echo=True)
+    gen, gen_lp = naive.greedy(prompt, 6, stop_ids={2})
+    assert tokens[0] == prompt + gen
+    assert_logprobs_close(logprobs[0], naive.prompt_logprobs(prompt) + gen_lp)
+    assert logprobs[0][0] == 0.0
+
+
+def test_echo_in_text_completion(generator):
+    (result,) = generator.text_completion(["import os"], temperature=0, max_gen_len=4, echo=True)
+    (plain,) = generator.text_completion(["import os"], temperature=0, max_gen_len=4)
+    assert result["generation"].startswith("import os")
+    assert result["generation"].endswith(plain["generation"])
+
+
+def test_stop_token_cuts_generation(generator, naive, sp):
+    prompt = [1] + sp.encode(PROMPTS[1])
+    gen, _ = naive.greedy(prompt, 10)
+    stop = gen[3]
+    first = gen.index(stop)
+    tokens, _ = generator.generate([prompt], max_gen_len=10, temperature=0, stop_token=stop)
+    assert tokens[0] == gen[:first]
+
+
+def test_stop_inside_echoed_prompt_is_not_a_stop(generator, sp):
+    """Only generated tokens end a generation; a stop id inside the echoed prompt does not."""
+    prompt = [1] + sp.encode(PROMPTS[1])
+    tokens, _ = generator.generate([prompt], max_gen_len=3, temperature=0, echo=True, stop_token=prompt[2])
+    assert tokens[0][: len(prompt)] == prompt
+
+
+def test_generation_never_exceeds_max_seq_len(generator, naive):
+    max_seq_len = generator.model.params.max_seq_len
+    prompt = [1] + [300] * (max_seq_len - 4)
+    tokens, _ = generator.generate([prompt, [1, 5]], max_gen_len=50, temperature=0)
+    assert len(prompt) + len(tokens[0]) <= max_seq_len
+    assert len(tokens[0]) == 3 or 2 in naive.greedy(prompt, 3)[0]
+    assert len(tokens[1]) == 50 or 2 in naive.greedy([1, 5], 50)[0]
+
+
+def test_batched_equals_one_by_one(generator):
+    """Ragged prompts batched together, in a batch larger than max_batch_size, give the answers
+    each gets alone."""
+    prompts = PROMPTS + ["x", "for i in range(10):", "SELECT name FROM users"]
+    together = generator.text_completion(prompts, temperature=0, max_gen_len=8, logprobs=True)
+    for prompt, result in zip(prompts, together):
+        (alone,) = generator.text_completion([prompt], temperature=0, max_gen_len=8, logprobs=True)
+        assert result["generation"] == alone["generation"]
+        assert_logprobs_close(result["logprobs"], alone["logprobs"], atol=1e-4)
+
+
+def test_sampling_is_seeded(tiny_dir):
+    def build():
+        return Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 64, 2, device="cpu", dtype="float32", seed=7)
+
+    a = build().text_completion(PROMPTS[:2], temperature=1.0, top_p=0.9, max_gen_len=16)
+    b = build().text_completion(PROMPTS[:2], temperature=1.0, top_p=0.9, max_gen_len=16)
+    greedy = build().text_completion(PROMPTS[:2], temperature=0, max_gen_len=16)
+    assert a == b
+    assert a != greedy
+
+
+def test_infilling_matches_naive(generator, naive, sp):
+    tok = generator.tokenizer
+    prefix, suffix = "def add(a, b):\n    ", "\n    return c\n"
+    for suffix_first in (False, True):
+        (result,) = generator.text_infilling([prefix], [suffix], temperature=0, max_gen_len=10, suffix_first=suffix_first)
+        enc_suffix = sp.encode("☺" + suffix)[2:]
+        if suffix_first:
+            prompt = [1, tok.prefix_id, tok.suffix_id] + enc_suffix + [tok.middle_id] + sp.encode(prefix)
+        else:
+            prompt = [1, tok.prefix_id] + sp.encode(prefix) + [tok.suffix_id] + enc_suffix + [tok.middle_id]
+        gen, _ = naive.greedy(prompt, 10, stop_ids={tok.eot_id, 2})
+        middle = sp.decode([sp.piece_to_id("☺")] + gen)[1:]
+        assert result["generation"] == middle
+        assert result["full_text"] == prefix + middle + suffix
+
+
+def test_chat_matches_naive(generator, naive, sp):
+    dialog = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is a list?"},
+        {"role": "assistant", "content": "A sequence."},
+        {"role": "user", "content": "And a dict?"},
+    ]
+    prompt = (
+        [1] + sp.encode("[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nWhat is a list? [/INST] A sequence. ") + [2]
+        + [1] + sp.encode("[INST] And a dict? [/INST]")
+    )
+    (result,) = generator.chat_completion([dialog], temperature=0, max_gen_len=10, logprobs=True)
+    gen, lps = naive.greedy(prompt, 10, stop_ids={2})
+    assert result["generation"] == {"role": "assistant", "content": sp.decode(gen)}
+    assert_logprobs_close(result["logprobs"], lps)
+
+
+def test_70b_chat_matches_naive(step_generator, tiny_step_dir):
+    naive = NaiveLlama(tiny_step_dir)
+    sp = step_generator.tokenizer.sp_model
+    step = step_generator.tokenizer.step_id
+    dialog = [{"role": "user", "content": "Write hello world."}]
+    prompt = (
+        [1] + sp.encode(" Source: system") + [step]
+        + sp.encode(" Source: user") + sp.encode("\n\n Write hello world.") + [step]
+        + sp.encode(" Source: assistant\nDestination: user") + sp.encode("\n\n ")
+    )
+    (result,) = step_generator.chat_completion([dialog], temperature=0, max_gen_len=10)
+    gen, _ = naive.greedy(prompt, 10, stop_ids={step, 2})
+    assert result["generation"] == {"role": "assistant", "content": sp.decode(gen), "destination": "user"}
+
+
+def test_special_tags_are_refused(generator):
+    dialogs = [
+        [{"role": "user", "content": "hi [INST] there"}],
+        [{"role": "user", "content": "hello"}],
+    ]
+    unsafe, safe = generator.chat_completion(dialogs, temperature=0, max_gen_len=4)
+    assert unsafe["generation"]["content"] == UNSAFE_ERROR
+    assert safe["generation"]["content"] != UNSAFE_ERROR
+
+
+def test_second_build_in_one_process(tiny_dir, tiny_step_dir, generator):
+    """Building again (another checkpoint, another dtype) leaves the first generator working."""
+    before = generator.text_completion(PROMPTS[:1], temperature=0, max_gen_len=6)
+    other = Llama.build(str(tiny_step_dir), str(tiny_step_dir / "tokenizer.model"), 32, 1, device="cpu", dtype="bfloat16")
+    assert other.model.output.weight.dtype == torch.bfloat16
+    assert other.text_completion(["hi"], temperature=0, max_gen_len=4)[0]["generation"]
+    assert generator.text_completion(PROMPTS[:1], temperature=0, max_gen_len=6) == before
+
+
+def test_bfloat16_is_close_to_float32(tiny_dir, generator):
+    """The default on CUDA is bfloat16; its logits track float32 closely on the same weights."""
+    bf16 = Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 64, 1, device="cpu", dtype=torch.bfloat16)
+    tokens = torch.tensor([[1, 45, 300, 12, 77, 8]])
+    diff = (bf16.model.forward(tokens, 0) - generator.model.forward(tokens, 0)).abs().max()
+    assert diff < 0.5
