@@ -111,15 +111,13 @@ def llama2_dialog_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[in
 
 
 def dialog_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
-    """70B turn format (tokenizers with a <step> piece). Each message is
-    " Source: {role}[\\nDestination: {destination}]", then "\\n\\n {content}" if any, then <step>;
-    the reply starts with " Source: assistant\\nDestination: user" and "\\n\\n ".
-    An empty system message is put first if the dialog has none."""
+    """70B turn format (tokenizers with a <step> piece), for the messages exactly as given. Each
+    message is " Source: {role}[\\nDestination: {destination}]", then "\\n\\n {content}" if any,
+    then <step>; the reply starts with " Source: assistant\\nDestination: user" and "\\n\\n ".
+    (chat_prompt_tokens puts an empty system message first when the dialog has none.)"""
     if tokenizer.step_id is None:
         raise ValueError("the 70B dialog format needs a tokenizer with the <step> piece (CodeLlama-70b-Instruct)")
     check_dialog(dialog)
-    if dialog[0]["role"] != "system":
-        dialog = [{"role": "system", "content": ""}] + list(dialog)
     tokens = [tokenizer.bos_id]
     for msg in dialog:
         header = f" Source: {msg['role'].strip()}"
@@ -135,8 +133,12 @@ def dialog_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
 
 
 def chat_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
-    """The dialog in the format of the model that `tokenizer` belongs to."""
+    """The dialog in the format of the model that `tokenizer` belongs to. The 70B format starts
+    with a system message: an empty one is put first if the dialog has none."""
     if tokenizer.step_id is not None:
+        check_dialog(dialog)
+        if dialog[0]["role"] != "system":
+            dialog = [{"role": "system", "content": ""}] + list(dialog)
         return dialog_prompt_tokens(tokenizer, dialog)
     return llama2_dialog_prompt_tokens(tokenizer, dialog)
 

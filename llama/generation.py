@@ -256,7 +256,7 @@ class Llama:
     def _prediction(self, g: Generation, generation, logprobs: bool) -> dict:
         if not logprobs:
             return {"generation": generation}
-        pieces = [self.tokenizer.decode([t]) for t in g.tokens]
+        pieces = [self.tokenizer.token_piece(t) for t in g.tokens]
         return {"generation": generation, "tokens": pieces, "logprobs": g.logprobs}
 
     # The generation core -------------------------------------------------------------------
@@ -336,7 +336,9 @@ class Llama:
         budget = torch.tensor(budgets, device=device)
         done = budget == 0
         new_tokens, new_lp = [], []
-        positions = last + 1  # where each row's next token goes
+        # Where each row's next token goes; a row whose prompt fills max_seq_len has no budget and
+        # keeps rewriting its last position while the others generate.
+        positions = (last + 1).clamp_(max=total_len - 1)
         same_length = len(set(lengths)) == 1
         for step in range(n_steps):
             next_token = sample(logits, temperature, top_p, self.rng)
@@ -349,7 +351,6 @@ class Llama:
             start = lengths[0] + step if same_length else positions
             h = model.hidden(next_token[:, None], start, kv_len=min(max(lengths) + step + 1, total_len))
             logits = model.logits(h[:, -1])
-            # A row past its budget keeps rewriting its last position: its output is already final.
             positions = (positions + 1).clamp_(max=total_len - 1)
 
         gen = torch.stack(new_tokens, 1).tolist() if new_tokens else [[] for _ in prompts]

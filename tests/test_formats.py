@@ -7,7 +7,6 @@ import pytest
 import torch
 from sentencepiece import SentencePieceProcessor
 
-from llama import formats
 from llama.formats import (
     chat_prompt_tokens,
     chat_stop_ids,
@@ -171,10 +170,6 @@ def test_llama2_destination_is_ignored(tok, sp):
     assert chat_prompt_tokens(tok, [user("hi", destination="assistant")]) == [BOS] + sp.encode("[INST] hi [/INST]")
 
 
-def test_llama2_function_directly(tok, sp):
-    assert formats.llama2_dialog_prompt_tokens(tok, [user("hi")]) == [BOS] + sp.encode("[INST] hi [/INST]")
-
-
 def test_chat_stop_ids_llama2(tok):
     assert chat_stop_ids(tok) == [EOS]
 
@@ -187,15 +182,14 @@ def turn_reply_start(sp):
 
 
 def test_70b_without_system(step_tok, step_sp):
-    """An empty system message is put first."""
+    """dialog_prompt_tokens formats the messages as given, as the reference's does; the chat path
+    (chat_prompt_tokens, chat_completion) puts an empty system message first."""
     sp, step = step_sp, step_tok.step_id
-    expected = (
-        [BOS]
-        + sp.encode(" Source: system") + [step]
-        + sp.encode(" Source: user") + sp.encode("\n\n hi") + [step]
-        + turn_reply_start(sp)
-    )
+    expected = [BOS] + sp.encode(" Source: user") + sp.encode("\n\n hi") + [step] + turn_reply_start(sp)
     assert dialog_prompt_tokens(step_tok, [user("hi")]) == expected
+    assert chat_prompt_tokens(step_tok, [user("hi")]) == (
+        [BOS] + sp.encode(" Source: system") + [step] + expected[1:]
+    )
 
 
 def test_70b_with_system(step_tok, step_sp):
@@ -231,7 +225,7 @@ def test_70b_destination(step_tok, step_sp):
         + sp.encode(" Source: user\nDestination: assistant") + sp.encode("\n\n hi") + [step]
         + turn_reply_start(sp)
     )
-    assert dialog_prompt_tokens(step_tok, dialog) == expected
+    assert chat_prompt_tokens(step_tok, dialog) == expected
     # Encoding the two header lines separately would give other tokens:
     assert sp.encode(" Source: user\nDestination: assistant") != (
         sp.encode(" Source: user") + sp.encode("\nDestination: assistant")

@@ -32,7 +32,7 @@ def test_greedy_completion_matches_naive(generator, naive, sp):
     for prompt, result in zip(PROMPTS, results):
         tokens, logprobs = naive.greedy([1] + sp.encode(prompt), 12, stop_ids={2})
         assert result["generation"] == sp.decode(tokens)
-        assert result["tokens"] == [sp.decode([t]) for t in tokens]
+        assert result["tokens"] == [sp.id_to_piece(t) for t in tokens]
         assert_logprobs_close(result["logprobs"], logprobs)
 
 
