@@ -1,5 +1,9 @@
-"""Reading Meta's checkpoint layout: params.json and consolidated.NN.pth shards, one per
-model-parallel rank, and placing a rank's tensors straight into its model."""
+"""Reading Meta's checkpoint layout: params.json and consolidated.NN.pth shards, and placing a
+rank's share straight into its model.
+
+A checkpoint of K shards runs on M model-parallel ranks for any K and M that split the model
+evenly: rank r's slice of a weight is cut from the (memory-mapped) shards that overlap it, so a
+rank reads only what it needs and nothing is allocated twice."""
 
 import dataclasses
 import json
@@ -7,7 +11,7 @@ import pickle
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -116,6 +120,111 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     return state
 
 
+def split_sizes(args: ModelArgs) -> Dict[str, int]:
+    """The sizes model parallelism splits: each must be a multiple of the degree."""
+    return {
+        "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "dim": args.dim,
+        "vocabulary size": args.vocab_size, "FFN width": args.ffn_hidden_dim,
+    }
+
+
+def check_degree(args: ModelArgs, mp_size: int) -> None:
+    """Raise, naming the degrees that would work, unless `mp_size` splits the model evenly."""
+    sizes = split_sizes(args)
+    bad = [f"{name} {value}" for name, value in sizes.items() if value % mp_size]
+    if bad:
+        works = [d for d in range(1, min(sizes.values()) + 1) if all(v % d == 0 for v in sizes.values())]
+        raise ValueError(
+            f"this model cannot be split over {mp_size} model-parallel processes ({', '.join(bad)} "
+            f"not divisible by {mp_size}); degrees that work: {', '.join(map(str, works))}"
+        )
+
+
+class ShardReader:
+    """Model-parallel rank `rank` of `mp_size`'s view of a checkpoint stored as len(paths) shards.
+
+    Only the shards that overlap the rank's share are opened, memory-mapped. Pages of a mapping
+    that have been read stay resident until it is closed, so after copying `REMAP_BYTES` out of
+    them the shards are closed (and reopened on the next read): host memory stays near the rank's
+    share whatever the model's size."""
+
+    REMAP_BYTES = 1 << 30
+
+    def __init__(self, paths: List[Path], rank: int, mp_size: int):
+        self.paths, self.rank, self.mp_size = paths, rank, mp_size
+        k = len(paths)
+        # Shards overlapping the fraction [rank / mp_size, (rank + 1) / mp_size) of a split weight.
+        self.needed = range(rank * k // mp_size, -(-(rank + 1) * k // mp_size))
+        self._shards: Dict[int, Dict[str, torch.Tensor]] = {}
+        self._copied = 0  # bytes copied out of the open mappings
+
+    def _shard(self, i: int) -> Dict[str, torch.Tensor]:
+        if i not in self._shards:
+            self._shards[i] = load_shard(self.paths[i])
+        return self._shards[i]
+
+    def keys(self) -> List[str]:
+        return list(self._shard(self.needed[0]))
+
+    def stored_shape(self, key: str) -> Tuple[int, ...]:
+        """Shape of `key` as stored in one shard."""
+        return tuple(self._shard(self.needed[0])[key].shape)
+
+    def _pieces(self, key: str) -> Tuple[Optional[int], List[torch.Tensor]]:
+        """(split dim, [slices of shard tensors that make up this rank's part, in order])."""
+        first = self._shard(self.needed[0])
+        if key not in first:
+            raise KeyError(key)
+        dim = shard_dim(key)
+        if dim is None:
+            return None, [first[key]]
+        k = len(self.paths)
+        per_shard = first[key].shape[dim]
+        full = per_shard * k
+        if full % self.mp_size:
+            raise ValueError(f"{key}: {full} along dim {dim} does not split over {self.mp_size} ranks")
+        lo, hi = self.rank * full // self.mp_size, (self.rank + 1) * full // self.mp_size
+        pieces = []
+        for i in self.needed:
+            t = self._shard(i)[key]
+            if t.shape[dim] != per_shard:
+                raise ValueError(f"{key} has {t.shape[dim]} along dim {dim} in {self.paths[i].name}, "
+                                 f"{per_shard} in {self.paths[self.needed[0]].name}: the shards do not match")
+            s, e = max(lo, i * per_shard), min(hi, (i + 1) * per_shard)
+            pieces.append(t if (s, e) == (i * per_shard, (i + 1) * per_shard) else t.narrow(dim, s - i * per_shard, e - s))
+        return dim, pieces
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        """Shape of this rank's part of `key`, without reading any data."""
+        dim, pieces = self._pieces(key)
+        shape = list(pieces[0].shape)
+        if dim is not None:
+            shape[dim] = sum(p.shape[dim] for p in pieces)
+        return tuple(shape)
+
+    def read(self, key: str, dtype: Optional[torch.dtype] = None, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        """This rank's part of `key` in `dtype` on `device`: one allocation at most, none when a whole
+        shard tensor already has the right dtype and device."""
+        dim, pieces = self._pieces(key)
+        dtype = dtype or pieces[0].dtype
+        if len(pieces) == 1 and pieces[0].is_contiguous():
+            out = pieces[0].to(device=device, dtype=dtype)
+            if out.data_ptr() == pieces[0].data_ptr():
+                return out  # the mapped tensor itself: nothing copied
+        else:
+            out = torch.empty(self.shape(key), dtype=dtype, device=device)
+            offset = 0
+            for p in pieces:
+                n = p.shape[dim] if dim is not None else p.shape[0]
+                out.narrow(dim or 0, offset, n).copy_(p)
+                offset += n
+        self._copied += sum(p.numel() * p.element_size() for p in pieces)
+        if self._copied >= self.REMAP_BYTES:
+            self._shards.clear()
+            self._copied = 0
+        return out
+
+
 def load_model(
     ckpt_dir: str,
     vocab_size: int,
@@ -128,39 +237,35 @@ def load_model(
     show_progress: bool = True,
 ) -> Transformer:
     """Build the Transformer for model-parallel rank `mp_rank` of `mp_size` on `device`, in `dtype`,
-    with its weights read from the rank's shard of the checkpoint in `ckpt_dir`."""
+    with its share of the weights of the checkpoint in `ckpt_dir` (any number of shards)."""
     folder = Path(ckpt_dir)
     paths = shard_paths(folder)
     args = model_args(read_params(folder), vocab_size, max_seq_len, max_batch_size, str(folder / "params.json"))
-    if len(paths) != mp_size:
-        raise ValueError(
-            f"{str(folder)!r} holds a checkpoint for {len(paths)} model-parallel process(es) "
-            f"({', '.join(p.name for p in paths)}) but this run has {mp_size}: start it with "
-            f"torchrun --nproc_per_node {len(paths)}"
-        )
-    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "vocabulary size": vocab_size,
-             "FFN width": args.ffn_hidden_dim}
-    for name, value in sizes.items():
-        if value % mp_size:
-            raise ValueError(f"{name} {value} cannot be split evenly over {mp_size} model-parallel processes")
-
+    reader = ShardReader(paths, mp_rank, mp_size)
+    if "tok_embeddings.weight" in reader.keys():  # split by columns: every shard has all rows
+        rows = reader.stored_shape("tok_embeddings.weight")[0]
+        if rows != vocab_size:
+            raise ValueError(_shape_error("tok_embeddings.weight", (rows,), (vocab_size,), vocab_size, folder))
+    check_degree(args, mp_size)
     with torch.device("meta"):
         model = Transformer(args)
-    path = paths[mp_rank]
-    state = load_shard(path)
-    expected = {k: p.shape for k, p in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
+    expected = {k: tuple(p.shape) for k, p in model.state_dict().items()}
+    available = set(reader.keys())
+    missing = [k for k in expected if k not in available]
     if missing:
         raise ValueError(
-            f"{str(path)!r} lacks {len(missing)} weight(s), e.g. {missing[:3]}: the file is not a Llama "
-            "checkpoint, or params.json belongs to another model"
+            f"{str(paths[reader.needed[0]])!r} lacks {len(missing)} weight(s), e.g. {missing[:3]}: the file is "
+            "not a Llama checkpoint, or params.json belongs to another model"
         )
-    loaded = {}
-    for key in tqdm(expected, desc=f"loading {path.name}", unit="tensor", disable=None if show_progress else True):
-        tensor = state[key]
-        if tuple(tensor.shape) != tuple(expected[key]):
-            raise ValueError(_shape_error(key, tuple(tensor.shape), tuple(expected[key]), vocab_size, folder))
-        loaded[key] = tensor.to(device=device, dtype=dtype)
+    for key, want in expected.items():
+        got = reader.shape(key)
+        if got != want:
+            raise ValueError(_shape_error(key, got, want, vocab_size, folder))
+    names = ", ".join(paths[i].name for i in reader.needed)
+    loaded = {
+        key: reader.read(key, dtype, device)
+        for key in tqdm(expected, desc=f"loading {names}", unit="tensor", disable=None if show_progress else True)
+    }
     model.load_state_dict(loaded, assign=True, strict=True)
     model.requires_grad_(False)
     return model

@@ -1,9 +1,10 @@
-"""Run under torchrun: the same requests as tests/test_distributed.py runs in one process.
+"""Run under torchrun: the requests that tests/test_distributed.py also runs in one process.
 
-    torchrun --standalone --nproc_per_node 2 tests/mp_requests.py CKPT_DIR STEP_CKPT_DIR OUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/mp_requests.py OUT_DIR NAME=CKPT_DIR [NAME=CKPT_DIR ...]
 
-Each rank writes its answers to OUT_DIR/rank{R}.json. Both checkpoints are built in the same
-process, one after the other."""
+Each checkpoint is built in turn in the same process (whatever its number of shards) and asked
+the requests for its kind of tokenizer; rank R writes {NAME: answers} to OUT_DIR/rank{R}.json.
+"""
 
 import json
 import sys
@@ -28,7 +29,8 @@ DIALOG = [
 def requests(generator: Llama) -> dict:
     return {
         "completion": generator.text_completion(PROMPTS, temperature=0, max_gen_len=12, logprobs=True),
-        "echo": generator.generate([[1, 45, 300, 12]], max_gen_len=6, temperature=0, logprobs=True, echo=True),
+        "echo": dict(zip(("tokens", "logprobs"), generator.generate(
+            [[1, 45, 300, 12]], max_gen_len=6, temperature=0, logprobs=True, echo=True))),
         "sampled": generator.text_completion(PROMPTS, temperature=0.8, top_p=0.95, max_gen_len=12),
         "infill": generator.text_infilling([PREFIX], [SUFFIX], temperature=0, max_gen_len=10, logprobs=True),
         "infill_spm": generator.text_infilling([PREFIX], [SUFFIX], temperature=0, max_gen_len=10, suffix_first=True),
@@ -45,8 +47,14 @@ def build(ckpt_dir: str) -> Llama:
                        device="cpu", dtype="float32")
 
 
+def answers(ckpt_dir: str) -> dict:
+    generator = build(ckpt_dir)
+    if generator.tokenizer.step_id is not None:
+        return step_requests(generator)
+    return requests(generator)
+
+
 if __name__ == "__main__":
-    ckpt, step_ckpt, out = sys.argv[1:4]
-    answers = requests(build(ckpt))
-    answers.update(step_requests(build(step_ckpt)))
-    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(answers))
+    out, *ckpts = sys.argv[1:]
+    result = {name: answers(path) for name, path in (c.split("=", 1) for c in ckpts)}
+    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))

@@ -1,4 +1,5 @@
-"""Model parallelism for real: two processes under torchrun (gloo, CPU) against one process."""
+"""Model parallelism for real: two processes under torchrun (gloo, CPU) against one process, for
+checkpoints of 2 shards, of 1 shard (split on load), and resharded with llama.reshard."""
 
 import json
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import mp_requests
-from llama import Llama
+from llama.reshard import reshard
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,17 +23,27 @@ def torchrun(*args, nproc=2, timeout=300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def mp2_answers(tiny_mp2_dir, tiny_step_mp2_dir, tmp_path_factory):
+def resharded_dir(tiny_dir, tmp_path_factory):
+    """tiny_dir (1 shard) rewritten as 2 shards by python -m llama.reshard's code."""
+    return reshard(str(tiny_dir), str(tmp_path_factory.mktemp("resharded") / "tiny_resharded"), 2, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def mp2_answers(tiny_mp2_dir, tiny_step_mp2_dir, tiny_dir, tiny_step_dir, resharded_dir, tmp_path_factory):
+    """Answers of every rank of one torchrun run over five checkpoints (both formats; 2 shards,
+    1 shard and a resharded copy on 2 processes)."""
     out = tmp_path_factory.mktemp("mp2")
-    run = torchrun(ROOT / "tests" / "mp_requests.py", tiny_mp2_dir, tiny_step_mp2_dir, out)
+    ckpts = {"mp2": tiny_mp2_dir, "step_mp2": tiny_step_mp2_dir, "mp1": tiny_dir, "step_mp1": tiny_step_dir,
+             "resharded": resharded_dir}
+    run = torchrun(ROOT / "tests" / "mp_requests.py", out, *(f"{k}={v}" for k, v in ckpts.items()))
     assert run.returncode == 0, run.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
 def mp1_answers(tiny_dir, tiny_step_dir):
-    answers = mp_requests.requests(mp_requests.build(str(tiny_dir)))
-    answers.update(mp_requests.step_requests(mp_requests.build(str(tiny_step_dir))))
+    """One process, one shard: the expected answers."""
+    answers = {**mp_requests.answers(str(tiny_dir)), **mp_requests.answers(str(tiny_step_dir))}
     return json.loads(json.dumps(answers))  # tuples -> lists, as read back from the files
 
 
@@ -49,45 +60,47 @@ def strip_logprobs(answers):
     return answers
 
 
-def logprobs_of(answers):
+def logprobs_of(answers, inside=False):
+    """Every float under a "logprobs" key, flattened."""
     if isinstance(answers, dict):
-        return [x for k, v in answers.items() for x in (v if k == "logprobs" else logprobs_of(v))]
+        return [x for k, v in answers.items() for x in logprobs_of(v, inside or k == "logprobs")]
     if isinstance(answers, list):
-        return [x for v in answers for x in logprobs_of(v)]
-    return []
+        return [x for v in answers for x in logprobs_of(v, inside)]
+    return [answers] if inside else []
 
 
-@pytest.mark.parametrize("request_name", ["completion", "sampled", "infill", "infill_spm", "chat", "chat70b"])
-def test_mp2_equals_mp1(mp1_answers, mp2_answers, request_name):
-    """Greedy (and seeded sampled) answers of MP=2 equal MP=1 on the same weights; log-probabilities
-    agree within 1e-3."""
-    one, two = mp1_answers[request_name], mp2_answers[0][request_name]
-    assert strip_logprobs(two) == strip_logprobs(one)
-    lp1, lp2 = logprobs_of(one), logprobs_of(two)
+def assert_same_answers(got, expected):
+    """Same tokens and texts; log-probabilities within 1e-3."""
+    assert strip_logprobs(got) == strip_logprobs(expected)
+    lp1, lp2 = logprobs_of(expected), logprobs_of(got)
     assert len(lp1) == len(lp2)
     assert all(abs(a - b) < 1e-3 for a, b in zip(lp1, lp2))
 
 
-def test_mp2_echo(mp1_answers, mp2_answers):
-    (tok1, lp1), (tok2, lp2) = mp1_answers["echo"], mp2_answers[0]["echo"]
-    assert tok1 == tok2
-    assert all(abs(a - b) < 1e-3 for a, b in zip(lp1[0], lp2[0]))
+CASES = [
+    ("mp2", "completion"), ("mp2", "sampled"), ("mp2", "infill"), ("mp2", "infill_spm"), ("mp2", "chat"),
+    ("mp2", "echo"), ("step_mp2", "chat70b"),
+    ("mp1", "completion"), ("mp1", "infill"), ("mp1", "chat"), ("step_mp1", "chat70b"),
+    ("resharded", "completion"), ("resharded", "infill"),
+]
 
 
-def test_mp_mismatch_under_torchrun(tiny_dir, tmp_path):
-    """A one-shard checkpoint on two processes fails with a message, on every rank, without hanging."""
+@pytest.mark.parametrize("ckpt, request_name", CASES)
+def test_mp2_equals_mp1(mp1_answers, mp2_answers, ckpt, request_name):
+    """Greedy (and seeded sampled) answers on 2 processes equal one process on the same weights,
+    whatever the checkpoint's number of shards."""
+    assert_same_answers(mp2_answers[0][ckpt][request_name], mp1_answers[request_name])
+
+
+def test_unsupported_degree_under_torchrun(tiny_dir, tmp_path):
+    """Three processes cannot split 4 heads / 2 KV heads: a clear error on every rank, no hang."""
     script = tmp_path / "build.py"
     script.write_text(
         f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
         "from llama import Llama\n"
         f"Llama.build({str(tiny_dir)!r}, {str(tiny_dir / 'tokenizer.model')!r}, 32, 1, device='cpu')\n"
     )
-    run = torchrun(script, timeout=120)
+    run = torchrun(script, nproc=3, timeout=120)
     assert run.returncode != 0
-    assert "--nproc_per_node 1" in run.stderr
-
-
-def test_single_process_needs_no_launcher(tiny_dir, generator):
-    """Plain `python` works: Llama.build makes a one-process group itself."""
-    assert isinstance(generator, Llama)
-    assert generator.text_completion(["x"], temperature=0, max_gen_len=2)[0]["generation"]
+    assert run.stderr.count("cannot be split over 3 model-parallel processes") == 3
+    assert "degrees that work: 1, 2" in run.stderr

@@ -149,11 +149,6 @@ def test_build_tokenizer_of_another_model(copy_dir):
         build(copy_dir, other)
 
 
-def test_build_two_shards_on_one_process(tiny_mp2_dir):
-    with fails(ValueError, "2 model-parallel", "torchrun --nproc_per_node 2"):
-        build(tiny_mp2_dir)
-
-
 def test_build_model_parallel_size_not_dividing_world(tiny_dir):
     with fails(ValueError, "model_parallel_size=3", "processes"):
         build(tiny_dir, model_parallel_size=3)
