@@ -19,6 +19,7 @@ def main(
     max_seq_len: int = 256,
     max_batch_size: int = 4,
     max_gen_len: Optional[int] = None,
+    stream: bool = False,
 ):
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -42,17 +43,28 @@ def merge_sorted(a: list[int], b: list[int]) -> list[int]:
     \"\"\"Merge two sorted lists into one sorted list.\"\"\"
 """,
     ]
+    if stream:  # print each answer as it is made (every rank runs the same generation)
+        for prompt in prompts:
+            show(prompt + "\n> ")
+            for text in generator.text_completion_stream(prompt, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p):
+                show(text)
+            show("\n\n==================================\n\n")
+        return
     results = generator.text_completion(
         prompts,
         max_gen_len=max_gen_len,
         temperature=temperature,
         top_p=top_p,
     )
+    for prompt, result in zip(prompts, results):
+        show(prompt + "\n")
+        show(f"> {result['generation']}\n")
+        show("\n==================================\n\n")
+
+
+def show(text: str) -> None:
     if is_main_process():
-        for prompt, result in zip(prompts, results):
-            print(prompt)
-            print(f"> {result['generation']}")
-            print("\n==================================\n")
+        print(text, end="", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def main(
     max_seq_len: int = 192,
     max_gen_len: int = 128,
     max_batch_size: int = 4,
+    stream: bool = False,
 ):
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -49,6 +50,14 @@ def main(
     ]
     prefixes = [p.split("<FILL>")[0] for p in prompts]
     suffixes = [p.split("<FILL>")[1] for p in prompts]
+    if stream:  # print the prefix, then the middle as it is made, then the suffix
+        for prompt, prefix, suffix in zip(prompts, prefixes, suffixes):
+            show("\n================= Prompt text =================\n\n" + prompt)
+            show("\n================= Filled text =================\n\n" + prefix)
+            for text in generator.text_infilling_stream(prefix, suffix, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p):
+                show(text)
+            show(suffix + "\n")
+        return
     results = generator.text_infilling(
         prefixes=prefixes,
         suffixes=suffixes,
@@ -56,12 +65,14 @@ def main(
         temperature=temperature,
         top_p=top_p,
     )
+    for prompt, result in zip(prompts, results):
+        show("\n================= Prompt text =================\n\n" + prompt)
+        show("\n================= Filled text =================\n\n" + result["full_text"] + "\n")
+
+
+def show(text: str) -> None:
     if is_main_process():
-        for prompt, result in zip(prompts, results):
-            print("\n================= Prompt text =================\n")
-            print(prompt)
-            print("\n================= Filled text =================\n")
-            print(result["full_text"])
+        print(text, end="", flush=True)
 
 
 if __name__ == "__main__":

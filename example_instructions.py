@@ -20,6 +20,7 @@ def main(
     max_seq_len: int = 512,
     max_batch_size: int = 8,
     max_gen_len: Optional[int] = None,
+    stream: bool = False,
 ):
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -60,18 +61,31 @@ def main(
             },
         ],
     ]
+    if stream:  # print each answer as it is made
+        for dialog in instructions:
+            for msg in dialog:
+                show(f"{msg['role'].capitalize()}: {msg['content']}\n\n")
+            show("> Assistant: ")
+            for text in generator.chat_completion_stream(dialog, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p):
+                show(text)
+            show("\n\n==================================\n\n")
+        return
     results = generator.chat_completion(
         instructions,
         max_gen_len=max_gen_len,
         temperature=temperature,
         top_p=top_p,
     )
+    for dialog, result in zip(instructions, results):
+        for msg in dialog:
+            show(f"{msg['role'].capitalize()}: {msg['content']}\n\n")
+        show(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}\n")
+        show("\n==================================\n\n")
+
+
+def show(text: str) -> None:
     if is_main_process():
-        for dialog, result in zip(instructions, results):
-            for msg in dialog:
-                print(f"{msg['role'].capitalize()}: {msg['content']}\n")
-            print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
-            print("\n==================================\n")
+        print(text, end="", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ its `Generation` records into the reference's result dicts.
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
-import torch.nn.functional as F
 
-from llama import checkpoint, distributed
+from llama import checkpoint, distributed, engine
+from llama.engine import RowUpdate
 from llama.formats import (  # noqa: F401  (re-exported: the reference defines these here)
     B_INST,
     B_SYS,
@@ -37,7 +37,7 @@ from llama.formats import (  # noqa: F401  (re-exported: the reference defines t
 )
 from llama.model import Transformer
 from llama.sampling import check_sampling, sample, sample_top_p  # noqa: F401
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import StreamDecoder, Tokenizer
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -253,6 +253,61 @@ class Llama:
             results.append(self._prediction(g, message, logprobs))
         return results
 
+    # Streaming: one prompt at a time, text as it is made ---------------------------------------
+
+    def text_completion_stream(
+        self, prompt: str, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None
+    ) -> Iterator[str]:
+        """Like text_completion for one prompt, but yields the generation as it is made: the pieces
+        join to exactly the text text_completion returns."""
+        check_texts([prompt], "prompts")
+        tokens = completion_prompt_tokens(self.tokenizer, prompt)
+        return self._stream(tokens, max_gen_len, temperature, top_p, [self.tokenizer.eos_id], self.tokenizer.decode)
+
+    def text_infilling_stream(
+        self,
+        prefix: str,
+        suffix: str,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        suffix_first: bool = False,
+    ) -> Iterator[str]:
+        """Like text_infilling for one prefix and suffix, yielding the middle as it is made."""
+        check_texts([prefix, suffix], "prefix and suffix")
+        tokens = infilling_prompt_tokens(self.tokenizer, prefix, suffix, suffix_first=suffix_first)
+        stop = infilling_stop_ids(self.tokenizer)
+        return self._stream(tokens, max_gen_len, temperature, top_p, stop, self.tokenizer.decode_infilling)
+
+    def chat_completion_stream(
+        self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None
+    ) -> Iterator[str]:
+        """Like chat_completion for one dialog, yielding the answer's content as it is made."""
+        check_dialog(dialog)
+        tokens = chat_prompt_tokens(self.tokenizer, dialog)
+        if has_special_tags(dialog):
+            self._check_request([tokens], max_gen_len, temperature, top_p)
+            return iter([UNSAFE_ERROR])
+        stop = chat_stop_ids(self.tokenizer)
+        return self._stream(tokens, max_gen_len, temperature, top_p, stop, self.tokenizer.decode)
+
+    def _stream(self, tokens, max_gen_len, temperature, top_p, stop_ids, decode) -> Iterator[str]:
+        max_gen_len = self._check_request([tokens], max_gen_len, temperature, top_p)  # raise now, not on first next()
+
+        def deltas():
+            decoder = StreamDecoder(decode)
+            with torch.inference_mode():
+                for updates in self._run([tokens], max_gen_len, temperature, top_p, False, False, stop_ids, 1):
+                    for t in updates[0].tokens:
+                        text = decoder.push(t)
+                        if text:
+                            yield text
+            tail = decoder.flush()
+            if tail:
+                yield tail
+
+        return deltas()
+
     def _prediction(self, g: Generation, generation, logprobs: bool) -> dict:
         if not logprobs:
             return {"generation": generation}
@@ -274,17 +329,22 @@ class Llama:
     ) -> List[Generation]:
         """Check the request, then run it in batches of at most max_batch_size prompts."""
         params = self.model.params
-        if max_gen_len is None:
-            max_gen_len = params.max_seq_len - 1
-        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
-        check_sampling(temperature, top_p)
-        self._check_prompt_tokens(prompt_tokens)
+        max_gen_len = self._check_request(prompt_tokens, max_gen_len, temperature, top_p)
         out: List[Generation] = []
         for i in range(0, len(prompt_tokens), params.max_batch_size):
             batch = [list(p) for p in prompt_tokens[i : i + params.max_batch_size]]
             out += self._generate_batch(batch, max_gen_len, temperature, top_p, logprobs, echo, stop_ids)
         return out
+
+    def _check_request(self, prompt_tokens, max_gen_len: Optional[int], temperature: float, top_p: float) -> int:
+        """Raise on a bad request; returns max_gen_len with its default filled in."""
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
+        check_sampling(temperature, top_p)
+        self._check_prompt_tokens(prompt_tokens)
+        return max_gen_len
 
     def _check_prompt_tokens(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
         if not isinstance(prompt_tokens, (list, tuple)):
@@ -314,69 +374,44 @@ class Llama:
         echo: bool,
         stop_ids: Sequence[int],
     ) -> List[Generation]:
-        """All prompt tokens go through in one pass; then one token per row per step."""
-        model, device = self.model, self.device
-        bsz = len(prompts)
-        lengths = [len(p) for p in prompts]
-        budgets = [min(max_gen_len, model.params.max_seq_len - n) for n in lengths]  # new tokens per row
-        n_steps = max(budgets)
-
-        tokens = torch.zeros((bsz, max(lengths)), dtype=torch.long, device=device)  # right-padded
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-        total_len = max(n + b for n, b in zip(lengths, budgets))  # positions in use: [0, total_len)
-        model.reserve_cache(bsz, total_len)
-        h = model.hidden(tokens, 0)  # padding only ever follows a row's prompt: causal attention ignores it
-        prompt_lp = self._prompt_logprobs(h, tokens, lengths) if logprobs and echo else None
-        rows = torch.arange(bsz, device=device)
-        last = torch.tensor(lengths, device=device) - 1
-        logits = model.logits(h[rows, last])  # (B, V)
-
-        stop = torch.tensor(list(stop_ids), device=device)
-        budget = torch.tensor(budgets, device=device)
-        done = budget == 0
-        new_tokens, new_lp = [], []
-        # Where each row's next token goes; a row whose prompt fills max_seq_len has no budget and
-        # keeps rewriting its last position while the others generate.
-        positions = (last + 1).clamp_(max=total_len - 1)
-        same_length = len(set(lengths)) == 1
-        for step in range(n_steps):
-            next_token = sample(logits, temperature, top_p, self.rng)
-            new_tokens.append(next_token)
-            if logprobs:
-                new_lp.append(torch.log_softmax(logits, dim=-1).gather(1, next_token[:, None])[:, 0])
-            done |= torch.isin(next_token, stop) | (budget <= step + 1)
-            if step + 1 == n_steps or bool(done.all()):
-                break
-            start = lengths[0] + step if same_length else positions
-            h = model.hidden(next_token[:, None], start, kv_len=min(max(lengths) + step + 1, total_len))
-            logits = model.logits(h[:, -1])
-            positions = (positions + 1).clamp_(max=total_len - 1)
-
-        gen = torch.stack(new_tokens, 1).tolist() if new_tokens else [[] for _ in prompts]
-        gen_lp = torch.stack(new_lp, 1).tolist() if new_lp else [[] for _ in prompts]
+        tokens = [[] for _ in prompts]
+        lps = [[] for _ in prompts]
+        prompt_lps = [[] for _ in prompts]
+        finish = ["length" for _ in prompts]
+        # On a GPU, looking at the tokens every step would stall the queue of kernels.
+        sync_every = 8 if self.device.type == "cuda" else 1
+        for updates in self._run(prompts, max_gen_len, temperature, top_p, logprobs, echo and logprobs, stop_ids, sync_every):
+            for u in updates:
+                tokens[u.row] += u.tokens
+                lps[u.row] += u.logprobs
+                if u.prompt_logprobs is not None:
+                    prompt_lps[u.row] = u.prompt_logprobs
+                if u.finish_reason:
+                    finish[u.row] = u.finish_reason
         out = []
         for i, prompt in enumerate(prompts):
-            toks, lps = gen[i][: budgets[i]], gen_lp[i][: budgets[i]]
-            cut = next((j for j, t in enumerate(toks) if t in stop_ids), None)
-            if cut is not None:
-                toks, lps = toks[:cut], lps[:cut]
+            toks, lp = tokens[i], lps[i]
             if echo:
                 toks = prompt + toks
-                lps = ([0.0] + prompt_lp[i] + lps) if logprobs else lps
-            out.append(Generation(toks, lps if logprobs else None, "stop" if cut is not None else "length", len(prompt)))
+                lp = [0.0] + prompt_lps[i] + lp
+            out.append(Generation(toks, lp if logprobs else None, finish[i], len(prompt)))
         return out
 
-    def _prompt_logprobs(self, h: torch.Tensor, tokens: torch.Tensor, lengths: List[int]) -> List[List[float]]:
-        """Log-probability of each prompt token after the first, row by row and in chunks, so the
-        (tokens x vocabulary) logits of a long prompt never exist at once."""
-        chunk = 1024
-        out = []
-        for i, n in enumerate(lengths):
-            values = []
-            for s in range(0, n - 1, chunk):
-                e = min(s + chunk, n - 1)
-                lp = F.log_softmax(self.model.logits(h[i, s:e]), dim=-1)
-                values.append(lp.gather(1, tokens[i, s + 1 : e + 1, None])[:, 0])
-            out.append(torch.cat(values).tolist() if values else [])
-        return out
+    def _run(
+        self,
+        prompts: List[List[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+        prompt_logprobs: bool,
+        stop_ids: Sequence[int],
+        sync_every: int,
+    ) -> Iterator[List[RowUpdate]]:
+        """The engine's updates for one batch of at most max_batch_size checked prompts."""
+        budgets = [min(max_gen_len, self.model.params.max_seq_len - len(p)) for p in prompts]
+        self.model.reserve_cache(len(prompts), max(len(p) + b for p, b in zip(prompts, budgets)))
+        return engine.generate(
+            self.model, prompts, budgets, stop_ids, temperature, top_p, self.rng,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, sync_every=sync_every,
+        )

@@ -7,10 +7,11 @@ Shapes in comments: B batch, T new tokens, S cached positions attended, H heads,
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
+import fairscale.nn.model_parallel.mappings as fs_mappings
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,9 +48,18 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T. On the CPU, a few rows (decoding a small batch) go 2-3x faster as (W x^T)^T: MKL's
+    kernels for a short, wide left operand are slow there."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type == "cpu" and 1 < rows <= 128:
+        return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
 # fairscale's parallel layers allocate and initialise full weights in __init__ with the legacy
 # `torch.Tensor(...)` constructor, which ignores `with torch.device("meta")`. These subclasses keep
-# fairscale's forward (and so its collectives) but only declare the local shard, so the model can be
+# fairscale's collectives and weight layout but only declare the local shard, so the model can be
 # built on the meta device and the checkpoint's tensors assigned in place: nothing is allocated twice.
 
 
@@ -65,6 +75,10 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features))
         self.register_parameter("bias", None)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(fs_mappings.copy_to_model_parallel_region(x), self.weight)
+        return fs_mappings.gather_from_model_parallel_region(y) if self.gather_output else y
+
 
 class RowParallelLinear(fs_layers.RowParallelLinear):
     """y = x W^T with W split by columns (input features); partial results are all-reduced."""
@@ -77,6 +91,9 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
         self.input_size_per_partition = in_features // world
         self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
         self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fs_mappings.reduce_from_model_parallel_region(linear(x, self.weight))
 
 
 class ParallelEmbedding(fs_layers.ParallelEmbedding):
@@ -150,6 +167,14 @@ class KVCache:
     def seq_len(self) -> int:
         return self.k.shape[3]
 
+    def keep_rows(self, rows: List[int]) -> None:
+        """Move cache rows `rows` (in this order) to the front: rows [0, len(rows)) hold them after."""
+        if rows == list(range(len(rows))):
+            return
+        index = torch.tensor(rows, device=self.k.device)
+        self.k[:, : len(rows)] = self.k[:, index]
+        self.v[:, : len(rows)] = self.v[:, index]
+
     def reserve(self, batch_size: int, seq_len: int) -> None:
         """Make room for `batch_size` rows of `seq_len` positions, keeping what is cached."""
         if batch_size <= self.batch_size and seq_len <= self.seq_len:
@@ -170,6 +195,7 @@ class AttentionPlan:
 
     Built once per forward and shared by all layers."""
 
+    rows: slice  # the cache rows of the batch's rows
     start: Optional[int]  # every row writes positions start..start+T-1 (None: see `positions`)
     positions: Optional[torch.Tensor]  # (B,) per-row write position of the single new token
     kv_len: int  # queries attend to cache positions [0, kv_len)
@@ -178,26 +204,26 @@ class AttentionPlan:
 
 
 def attention_plan(
-    start_pos: Union[int, torch.Tensor], seqlen: int, bsz: int, device: torch.device,
+    start_pos: Union[int, torch.Tensor], seqlen: int, rows: slice, device: torch.device,
     kv_len: Optional[int] = None,
 ) -> AttentionPlan:
     """kv_len: with per-row positions, 1 + their maximum if the caller knows it (saves a sync)."""
     if isinstance(start_pos, int):
         kv_len = start_pos + seqlen
         if seqlen == 1:
-            return AttentionPlan(start_pos, None, kv_len, None, False)
+            return AttentionPlan(rows, start_pos, None, kv_len, None, False)
         if start_pos == 0:
-            return AttentionPlan(0, None, kv_len, None, True)
+            return AttentionPlan(rows, 0, None, kv_len, None, True)
         # A chunk after cached positions: query t sees keys 0..start_pos+t (lower-right causal).
         q = torch.arange(seqlen, device=device)[:, None] + start_pos
-        return AttentionPlan(start_pos, None, kv_len, torch.arange(kv_len, device=device) <= q, False)
+        return AttentionPlan(rows, start_pos, None, kv_len, torch.arange(kv_len, device=device) <= q, False)
     if seqlen != 1:
         raise ValueError("per-row positions are only supported for one new token per row")
     positions = start_pos
     if kv_len is None:
         kv_len = int(positions.max()) + 1
     mask = torch.arange(kv_len, device=device) <= positions[:, None]  # (B, kv_len)
-    return AttentionPlan(None, positions, kv_len, mask.view(bsz, 1, 1, kv_len), False)
+    return AttentionPlan(rows, None, positions, kv_len, mask[:, None, None, :], False)
 
 
 class Attention(nn.Module):
@@ -222,21 +248,22 @@ class Attention(nn.Module):
         plan: AttentionPlan,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q = self.wq(x).reshape(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = self.wk(x).reshape(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).reshape(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
 
+        cache_k, cache_v = cache_k[plan.rows], cache_v[plan.rows]  # (B, H_kv, S_cache, D)
         if plan.positions is None:
-            cache_k[:bsz, :, plan.start : plan.start + seqlen] = k
-            cache_v[:bsz, :, plan.start : plan.start + seqlen] = v
+            cache_k[:, :, plan.start : plan.start + seqlen] = k
+            cache_v[:, :, plan.start : plan.start + seqlen] = v
         else:
-            rows = torch.arange(bsz, device=x.device)
-            cache_k[rows, :, plan.positions] = k[:, :, 0]
-            cache_v[rows, :, plan.positions] = v[:, :, 0]
-        keys = cache_k[:bsz, :, : plan.kv_len]  # (B, H_kv, S, D)
-        values = cache_v[:bsz, :, : plan.kv_len]
+            batch = torch.arange(bsz, device=x.device)
+            cache_k[batch, :, plan.positions] = k[:, :, 0]
+            cache_v[batch, :, plan.positions] = v[:, :, 0]
+        keys = cache_k[:, :, : plan.kv_len]  # (B, H_kv, S, D)
+        values = cache_v[:, :, : plan.kv_len]
 
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=plan.mask, is_causal=plan.is_causal,
@@ -307,15 +334,21 @@ class Transformer(nn.Module):
         return self.cache
 
     def hidden(
-        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], kv_len: Optional[int] = None
+        self,
+        tokens: torch.Tensor,
+        start_pos: Union[int, torch.Tensor],
+        kv_len: Optional[int] = None,
+        rows: Optional[slice] = None,
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, dim) of `tokens`, writing their keys and values
         into the cache, which must already have room (see `reserve_cache`).
 
         start_pos: an int shared by all rows, or a (B,) tensor of per-row positions (T == 1),
-        then kv_len may give 1 + the largest of them."""
+            then kv_len may give 1 + the largest of them.
+        rows: the cache rows the batch's rows use (default: the first B)."""
         bsz, seqlen = tokens.shape
-        plan = attention_plan(start_pos, seqlen, bsz, tokens.device, kv_len)
+        rows = slice(0, bsz) if rows is None else rows
+        plan = attention_plan(start_pos, seqlen, rows, tokens.device, kv_len)
         if plan.positions is None:
             positions = torch.arange(plan.start, plan.start + seqlen, device=tokens.device)[None]
         else:

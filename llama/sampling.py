@@ -1,4 +1,8 @@
-"""Choosing the next token: greedy, or temperature and nucleus (top-p) sampling."""
+"""Choosing the next token: greedy, or temperature and nucleus (top-p) sampling.
+
+Sampling draws with the exponential race (argmax of p / E with E ~ Exp(1)), an exact sample of
+the distribution that, unlike torch.multinomial, never waits for the device. All randomness comes
+from the torch.Generator passed in, which every model-parallel rank seeds alike."""
 
 from typing import Optional
 
@@ -6,10 +10,16 @@ import torch
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
-    if not isinstance(temperature, (int, float)) or not temperature >= 0:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def _race(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Index drawn with probability proportional to probs along the last dim, keepdim."""
+    e = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.argmax(probs / e, dim=-1, keepdim=True)
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -21,8 +31,7 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     probs_sort[probs_sum - probs_sort > p] = 0.0
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, next_token)
+    return torch.gather(probs_idx, -1, _race(probs_sort, generator))
 
 
 def sample(
@@ -32,4 +41,6 @@ def sample(
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return sample_top_p(probs, top_p, generator).reshape(-1)
+    if top_p >= 1:
+        return _race(probs, generator)[:, 0]
+    return sample_top_p(probs, top_p, generator)[:, 0]

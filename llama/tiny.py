@@ -63,13 +63,16 @@ Provide answers in JavaScript. The answer is a short program with comments and t
 
 def train_tokenizer(path: Path, infill: bool = True, step: bool = False, vocab_size: int = 512) -> None:
     """Train a BPE tokenizer configured like Llama's (byte fallback, split digits, identity
-    normalisation) and append the special pieces as ordinary pieces, as the released ones are."""
+    normalisation) and append the special pieces as ordinary pieces, as the released ones are.
+
+    The corpus supports about 512 pieces; a larger vocab_size is reached with unused pieces, so
+    that a model can have a realistic embedding and output size."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb  # needs protobuf
 
     lines = [line for line in _CORPUS.splitlines() if line.strip()] * 20
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=min(vocab_size, 512), model_type="bpe",
         byte_fallback=True, split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, hard_vocab_limit=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
@@ -84,7 +87,7 @@ def train_tokenizer(path: Path, infill: bool = True, step: bool = False, vocab_s
     for piece in extra:
         proto.pieces.add(piece=piece, score=-1e9, type=sp_pb.ModelProto.SentencePiece.NORMAL)
     # Like the released vocabularies (32000, 32016), the size splits evenly over up to 8 ranks.
-    while len(proto.pieces) % 8:
+    while len(proto.pieces) % 8 or len(proto.pieces) < vocab_size:
         proto.pieces.add(piece=f"<unused{len(proto.pieces)}>", score=-1e9, type=sp_pb.ModelProto.SentencePiece.UNUSED)
     path.write_bytes(proto.SerializeToString())
 
@@ -119,6 +122,7 @@ def random_weights(args: ModelArgs, seed: int = 0) -> Dict[str, torch.Tensor]:
 def write_tiny_model(
     out_dir, mp: int = 1, step: bool = False, infill: bool = True, dim: int = 64, n_layers: int = 2,
     n_heads: int = 4, n_kv_heads: int = 2, vocab_size: int = 512, seed: int = 0,
+    multiple_of: int = 32, ffn_dim_multiplier: float = 1.0,
 ) -> Path:
     """Write a random model in Meta's layout into out_dir; returns its path."""
     out = Path(out_dir)
@@ -127,7 +131,7 @@ def write_tiny_model(
     n_words = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model")).vocab_size()
     params = {
         "dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
-        "multiple_of": 32, "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 1000000,
+        "multiple_of": multiple_of, "ffn_dim_multiplier": ffn_dim_multiplier, "norm_eps": 1e-5, "rope_theta": 1000000,
     }
     if n_heads % mp or n_kv_heads % mp:
         raise ValueError(f"--mp {mp} must divide n_heads={n_heads} and n_kv_heads={n_kv_heads}")
@@ -153,13 +157,17 @@ def main(argv=None) -> None:
     parser.add_argument("--n_layers", type=int, default=2)
     parser.add_argument("--n_heads", type=int, default=4)
     parser.add_argument("--n_kv_heads", type=int, default=2)
-    parser.add_argument("--vocab_size", type=int, default=512, help="tokenizer pieces before the special ones")
+    parser.add_argument("--vocab_size", type=int, default=512,
+                        help="vocabulary size (above 512, unused pieces fill it up)")
+    parser.add_argument("--multiple_of", type=int, default=32)
+    parser.add_argument("--ffn_dim_multiplier", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args(argv)
     try:
         out = write_tiny_model(
             a.out_dir, mp=a.mp, step=a.step, infill=a.infill, dim=a.dim, n_layers=a.n_layers,
             n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, vocab_size=a.vocab_size, seed=a.seed,
+            multiple_of=a.multiple_of, ffn_dim_multiplier=a.ffn_dim_multiplier,
         )
     except ValueError as e:
         parser.error(str(e))

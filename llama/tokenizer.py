@@ -1,7 +1,7 @@
 """Sentencepiece tokenizer with Code Llama's special pieces."""
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from sentencepiece import SentencePieceProcessor
 
@@ -81,3 +81,33 @@ class Tokenizer:
     def _require_smiley(self) -> None:
         if self._smiley_id is None:
             raise ValueError(f"this tokenizer has no {SMILEY_PIECE!r} piece, which infilling needs")
+
+
+class StreamDecoder:
+    """Text of a growing token list, handed out as deltas that join to exactly decode(all tokens).
+
+    Each push decodes a short window of recent tokens and hands out what the new token added. Text
+    that ends in an incomplete character (a multi-byte character split over byte-fallback tokens
+    decodes to U+FFFD) is held back until the character is complete, or until `flush`."""
+
+    def __init__(self, decode: Callable[[List[int]], str]):
+        self.decode = decode
+        self.tokens: List[int] = []
+        self.start = 0  # first token of the window
+        self.done = 0  # tokens whose text has been handed out
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        """Whatever is held back (at the end of generation)."""
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        before = self.decode(self.tokens[self.start : self.done])
+        now = self.decode(self.tokens[self.start :])
+        if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
+            return ""
+        self.start, self.done = self.done, len(self.tokens)
+        return now[len(before) :]

@@ -35,11 +35,16 @@ def requests(generator: Llama) -> dict:
         "infill": generator.text_infilling([PREFIX], [SUFFIX], temperature=0, max_gen_len=10, logprobs=True),
         "infill_spm": generator.text_infilling([PREFIX], [SUFFIX], temperature=0, max_gen_len=10, suffix_first=True),
         "chat": generator.chat_completion([DIALOG], temperature=0, max_gen_len=10, logprobs=True),
+        "stream": list(generator.text_completion_stream(PROMPTS[0], temperature=0, max_gen_len=12)),
+        "infill_stream": list(generator.text_infilling_stream(PREFIX, SUFFIX, temperature=0, max_gen_len=10)),
     }
 
 
 def step_requests(generator: Llama) -> dict:
-    return {"chat70b": generator.chat_completion([DIALOG[1:]], temperature=0, max_gen_len=10, logprobs=True)}
+    return {
+        "chat70b": generator.chat_completion([DIALOG[1:]], temperature=0, max_gen_len=10, logprobs=True),
+        "chat70b_stream": list(generator.chat_completion_stream(DIALOG[1:], temperature=0, max_gen_len=10)),
+    }
 
 
 def build(ckpt_dir: str) -> Llama:

@@ -82,6 +82,7 @@ CASES = [
     ("mp2", "echo"), ("step_mp2", "chat70b"),
     ("mp1", "completion"), ("mp1", "infill"), ("mp1", "chat"), ("step_mp1", "chat70b"),
     ("resharded", "completion"), ("resharded", "infill"),
+    ("mp2", "stream"), ("mp2", "infill_stream"), ("step_mp2", "chat70b_stream"),
 ]
 
 
@@ -104,3 +105,12 @@ def test_unsupported_degree_under_torchrun(tiny_dir, tmp_path):
     assert run.returncode != 0
     assert run.stderr.count("cannot be split over 3 model-parallel processes") == 3
     assert "degrees that work: 1, 2" in run.stderr
+
+
+def test_streams_join_to_the_answers(mp2_answers):
+    """Under torchrun every rank iterates the stream; the pieces join to the non-streamed text."""
+    for answers in mp2_answers:
+        mp2, step = answers["mp2"], answers["step_mp2"]
+        assert "".join(mp2["stream"]) == mp2["completion"][0]["generation"]
+        assert "".join(mp2["infill_stream"]) == mp2["infill"][0]["generation"]
+        assert "".join(step["chat70b_stream"]) == step["chat70b"][0]["generation"]["content"]

@@ -1,0 +1,223 @@
+"""Generation speed, side by side in one run: this package, Hugging Face transformers' `generate` on
+the same weights, and the reference's token-by-token prompt algorithm.
+
+    python benchmarks/generate.py                       # CPU: a 166M-parameter Code Llama shape, float32
+    python benchmarks/generate.py --shape 7b --device cuda --dtype bfloat16 --skip reference
+
+A random checkpoint of the chosen shape is written once (Meta's layout) and loaded by each system.
+Workloads (greedy, fixed token counts so every system does the same work):
+- build: Llama.build / from_pretrained-equivalent load time;
+- prefill: one prompt of --prefill_len tokens (tokens/s);
+- decode at batch 1 and batch 8: --decode_len new tokens after a short prompt (new tokens/s);
+- ragged: 4 prompts of 3, 145, 185 and 372 tokens, 16 new tokens each (seconds);
+- peak memory (host resident set, or CUDA allocator peak); on CUDA also the share of the memory
+  bandwidth roofline at batch 1: weight bytes x tokens/s / device bandwidth.
+Every measurement is the median of --repeat runs, systems alternating within each repetition.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llama import Llama  # noqa: E402
+from llama.hf import hf_config, hf_name, meta_to_hf_tensor  # noqa: E402
+from llama.tiny import write_tiny_model  # noqa: E402
+
+SHAPES = {
+    # the CPU peers' model in ../shared/research/cpu-peers.md: 166M parameters
+    "cpu": dict(dim=1024, n_layers=12, n_heads=16, n_kv_heads=4, vocab_size=2000, multiple_of=256, ffn_dim_multiplier=1.3),
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32016, multiple_of=256, ffn_dim_multiplier=1.0),
+    "13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, vocab_size=32016, multiple_of=256, ffn_dim_multiplier=1.0),
+}
+RAGGED = [3, 145, 185, 372]
+HBM_GBPS = {"H100": 3350, "H200": 4800, "A100": 2039}  # peak memory bandwidth, GB/s
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+
+
+class Ours:
+    name = "this package"
+
+    def __init__(self, ckpt, device, dtype, max_seq_len):
+        self.device = device
+        self.build_s = timed(lambda: setattr(self, "g", Llama.build(
+            str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len, 8, device=str(device), dtype=dtype)), device)
+
+    def run(self, prompts, n):
+        return self.g.generate(prompts, n, temperature=0, stop_token=-1)[0]
+
+
+class Reference:
+    """The reference's algorithm: decoding starts at the shortest prompt; longer prompts are fed one
+    token per step, the sampled token replaced by the prompt's (on this package's model)."""
+
+    name = "token-by-token (reference algorithm)"
+
+    def __init__(self, ours: Ours):
+        self.g, self.device, self.build_s = ours.g, ours.device, None
+
+    @torch.inference_mode()
+    def run(self, prompts, n):
+        model = self.g.model
+        lengths = [len(p) for p in prompts]
+        total = max(lengths) + n
+        tokens = torch.full((len(prompts), total), -1, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p, device=self.device)
+        is_prompt = tokens != -1
+        prev = 0
+        for cur in range(min(lengths), total):
+            logits = model.forward(tokens[:, prev:cur], prev)
+            nxt = torch.argmax(logits[:, -1], dim=-1)
+            tokens[:, cur] = torch.where(is_prompt[:, cur], tokens[:, cur], nxt)
+            prev = cur
+        return [tokens[i, n_i : n_i + n].tolist() for i, n_i in enumerate(lengths)]
+
+
+class Transformers:
+    name = "transformers generate"
+
+    def __init__(self, ours: Ours, dtype):
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.device = ours.device
+        args = ours.g.model.params
+        cfg = {k: v for k, v in hf_config(args).items() if k not in ("architectures", "model_type", "torch_dtype")}
+        config = LlamaConfig(**cfg, attn_implementation="sdpa")
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        # The same tensors as this package's model (no copies), renamed and reordered for HF.
+        state = {hf_name(k): meta_to_hf_tensor(k, v, args) for k, v in ours.g.model.state_dict().items()}
+        model.load_state_dict(state, assign=True, strict=False)
+        with torch.device(self.device):
+            model.model.rotary_emb = LlamaRotaryEmbedding(config)
+        self.model = model.eval()
+        self.build_s = None  # the weights come from this package's model, so no load is timed
+
+    @torch.inference_mode()
+    def run(self, prompts, n):
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding, as generate wants
+            ids[i, width - len(p):] = torch.tensor(p, device=self.device)
+            mask[i, width - len(p):] = 1
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=0)
+        return out[:, width:].tolist()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=SHAPES, default="cpu")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prefill_len", type=int, default=512)
+    parser.add_argument("--decode_len", type=int, default=48)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "reference"])
+    a = parser.parse_args()
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_tiny_model(Path(tmp) / "model", **SHAPES[a.shape])
+        ours = Ours(ckpt, device, a.dtype, max_seq_len=max(a.prefill_len, max(RAGGED)) + a.decode_len + 8)
+    vocab = ours.g.model.vocab_size
+    n_params = sum(p.numel() for p in ours.g.model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.g.model.parameters())
+    systems = [ours]
+    if "transformers" not in a.skip:
+        systems.append(Transformers(ours, a.dtype))
+    if "reference" not in a.skip:
+        systems.append(Reference(ours))
+
+    def prompt(n):
+        return [1] + torch.randint(3, vocab, (n - 1,)).tolist()
+
+    short = [prompt(16) for _ in range(8)]
+    workloads = {
+        "prefill": ([prompt(a.prefill_len)], 1),
+        "decode_b1_first": (short[:1], 1),
+        "decode_b1": (short[:1], a.decode_len + 1),
+        "decode_b8_first": (short, 1),
+        "decode_b8": (short, a.decode_len + 1),
+        "ragged": ([prompt(n) for n in RAGGED], 16),
+    }
+    answers = {s.name: s.run(*workloads["ragged"]) for s in systems}  # also warms up
+    same = [answers[s.name] == answers[ours.name] for s in systems]
+    times = {s.name: {w: [] for w in workloads} for s in systems}
+    for _ in range(a.repeat):
+        for w, (prompts, n) in workloads.items():
+            for s in systems:
+                if isinstance(s, Reference) and w != "ragged":
+                    continue  # for one prompt or equal lengths it is the same loop as ours
+                times[s.name][w].append(timed(lambda: s.run(prompts, n), device))
+    med = {s: {w: statistics.median(v) for w, v in ws.items() if v} for s, ws in times.items()}
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    print(f"shape {a.shape}: {n_params / 1e6:.0f}M parameters, {a.dtype}, {device}{' (' + gpu + ')' if gpu else ''}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"greedy answers on the ragged batch equal this package's: {dict(zip([s.name for s in systems], same))}")
+    print("| system | build (s) | prefill (tok/s) | decode b1 (tok/s) | decode b8 (tok/s) | ragged (s) |")
+    print("|---|---|---|---|---|---|")
+    rows = {}
+    for s in systems:
+        m = med[s.name]
+        row = {"ragged_s": m["ragged"], "build_s": s.build_s}
+        if "prefill" in m:
+            row["prefill_tok_s"] = a.prefill_len / m["prefill"]
+            row["decode_b1_tok_s"] = a.decode_len / (m["decode_b1"] - m["decode_b1_first"])
+            row["decode_b8_tok_s"] = 8 * a.decode_len / (m["decode_b8"] - m["decode_b8_first"])
+        rows[s.name] = row
+
+        def f(key, fmt):
+            return format(row[key], fmt) if row.get(key) is not None else "-"
+
+        print(f"| {s.name} | {f('build_s', '.2f')} | {f('prefill_tok_s', '.0f')} | {f('decode_b1_tok_s', '.1f')} "
+              f"| {f('decode_b8_tok_s', '.1f')} | {f('ragged_s', '.2f')} |")
+    base = rows[ours.name]
+    for name, row in rows.items():
+        if name != ours.name:
+            ratios = {k: (row[k] / base[k] if k.endswith("_s") and not k.endswith("tok_s") else base[k] / row[k])
+                      for k in ("ragged_s", "decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s") if k in row}
+            print(f"this package vs {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print(f"peak memory: {peak_memory_mb(device):.0f} MB ({'CUDA allocator' if gpu else 'host resident set'})")
+    if gpu:
+        bw = next((v for k, v in HBM_GBPS.items() if k in gpu), None)
+        if bw:
+            share = weight_bytes * base["decode_b1_tok_s"] / (bw * 1e9)
+            print(f"batch-1 decode: {weight_bytes / 1e9:.2f} GB of weights x {base['decode_b1_tok_s']:.1f} tok/s = "
+                  f"{share:.0%} of the {bw} GB/s roofline")
+    print(json.dumps({"shape": a.shape, "device": str(device), "dtype": a.dtype, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The generation loop: prefill a batch of prompts, then decode one token per unfinished row per step.
+
+- Prefill: prompts are sorted by length and grouped so that padding a group to its longest prompt
+  wastes little; each group goes through the model in one pass (in chunks for long prompts) and
+  only the logits that are needed are computed.
+- Decode: rows advance at their own positions; the host looks at the new tokens only every
+  `sync_every` steps (to stop rows, and to hand tokens to a stream), and rows that have finished
+  are dropped from the batch then.
+
+Every model-parallel rank runs this loop on the same inputs and draws the same tokens, so all
+ranks take the same decisions without talking to each other.
+"""
+
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from llama.model import Transformer
+from llama.sampling import sample
+
+
+@dataclass
+class RowUpdate:
+    """New output of one prompt of the batch."""
+
+    row: int  # index of the prompt in the batch
+    tokens: List[int]  # tokens made since its last update (a stop token is not included)
+    logprobs: List[float]  # their log-probabilities (empty unless asked for)
+    finish_reason: Optional[str] = None  # "stop" (a stop token) or "length" (its budget) once done
+    prompt_logprobs: Optional[List[float]] = None  # in the first update, when asked for
+
+
+def prefill_groups(lengths: Sequence[int], waste: float = 0.25) -> List[range]:
+    """Split rows, sorted by ascending length, into runs whose padding to their longest prompt is
+    at most `waste` of their real tokens (a single row always forms a run)."""
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and n * (i + 1 - start) > (1 + waste) * (total + n):
+            groups.append(range(start, i))
+            start, total = i, 0
+        total += n
+    if lengths:
+        groups.append(range(start, len(lengths)))
+    return groups
+
+
+def _token_logprobs(model: Transformer, h: torch.Tensor, targets: torch.Tensor, chunk: int = 512) -> List[float]:
+    """log p(targets[t] | ...) from hidden states h (T, dim), `chunk` positions of logits at a time."""
+    out = []
+    for s in range(0, h.shape[0], chunk):
+        lp = F.log_softmax(model.logits(h[s : s + chunk]), dim=-1)
+        out.append(lp.gather(1, targets[s : s + chunk, None])[:, 0])
+    return torch.cat(out).tolist() if out else []
+
+
+def _prefill(
+    model: Transformer, prompts: List[List[int]], need_logits: List[bool], prompt_logprobs: bool, chunk: int
+):
+    """Run the sorted prompts through the model, writing cache rows 0..n-1.
+
+    Returns (logits (n, V) of each prompt's last token, or None where not needed;
+    per-prompt log-probabilities of tokens 1.. when asked)."""
+    device = model.output.weight.device
+    lengths = [len(p) for p in prompts]
+    last_h: List[Optional[torch.Tensor]] = [None] * len(prompts)
+    lps: List[List[float]] = [[] for _ in prompts]
+    for group in prefill_groups(lengths):
+        if not prompt_logprobs and not any(need_logits[k] for k in group):
+            continue
+        width = max(lengths[k] for k in group)
+        tokens = torch.zeros((len(group), width), dtype=torch.long, device=device)  # right-padded
+        for j, k in enumerate(group):
+            tokens[j, : lengths[k]] = torch.tensor(prompts[k], dtype=torch.long, device=device)
+        # Padding only ever follows a row's prompt, so causal attention keeps it out of the prompt.
+        for s in range(0, width, chunk):
+            h = model.hidden(tokens[:, s : s + chunk], s, rows=slice(group.start, group.stop))
+            for j, k in enumerate(group):
+                if s <= lengths[k] - 1 < s + chunk:
+                    last_h[k] = h[j, lengths[k] - 1 - s]
+                if prompt_logprobs:
+                    n = min(h.shape[1], lengths[k] - 1 - s)  # positions whose next token is in the prompt
+                    if n > 0:
+                        lps[k] += _token_logprobs(model, h[j, :n], tokens[j, s + 1 : s + 1 + n])
+    wanted = [k for k in range(len(prompts)) if need_logits[k]]
+    logits = model.logits(torch.stack([last_h[k] for k in wanted])) if wanted else None
+    return wanted, logits, lps
+
+
+def generate(
+    model: Transformer,
+    prompts: List[List[int]],
+    budgets: List[int],
+    stop_ids: Sequence[int],
+    temperature: float,
+    top_p: float,
+    rng: Optional[torch.Generator],
+    logprobs: bool = False,
+    prompt_logprobs: bool = False,
+    sync_every: int = 1,
+    prefill_chunk: int = 2048,
+) -> Iterator[List[RowUpdate]]:
+    """Continue each prompt by up to budgets[i] tokens, stopping a row at any of `stop_ids`.
+
+    Yields lists of RowUpdate, every `sync_every` decode steps, until every row has finished
+    (a caller may stop iterating earlier). The cache must already have room for
+    len(prompts) rows of max(len(prompt) + budget) positions."""
+    device = model.output.weight.device
+    stop = set(stop_ids)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # cache row k holds prompt order[k]
+    sorted_prompts = [prompts[i] for i in order]
+    need = [budgets[i] > 0 for i in order]
+    wanted, logits, plps = _prefill(model, sorted_prompts, need, prompt_logprobs, prefill_chunk)
+
+    first = [
+        RowUpdate(order[k], [], [], None if need[k] else "length", plps[k] if prompt_logprobs else None)
+        for k in range(len(order))
+    ]
+    if not wanted:
+        yield first
+        return
+    # Decode state of the active rows, which occupy cache rows 0..A-1.
+    model.cache.keep_rows(wanted)
+    rows = [order[k] for k in wanted]  # the prompt index of each active row
+    left = [budgets[i] for i in rows]  # tokens each may still make
+    pos_host = [len(prompts[i]) for i in rows]  # where each row's next token goes
+    cap = max(len(prompts[i]) + budgets[i] for i in rows) - 1  # last position any row may use
+    pos = torch.tensor(pos_host, device=device)
+    pending, pending_lp = [], []
+    updates = {u.row: u for u in first}
+    while True:
+        token = sample(logits, temperature, top_p, rng)
+        pending.append(token)
+        if logprobs:
+            pending_lp.append(torch.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0])
+        if len(pending) == sync_every or len(pending) == max(left):
+            new = torch.stack(pending, 1).tolist()
+            new_lp = torch.stack(pending_lp, 1).tolist() if logprobs else [[] for _ in rows]
+            pending, pending_lp = [], []
+            keep = []
+            for a, row in enumerate(rows):
+                u = updates.get(row) or RowUpdate(row, [], [])
+                for t, lp in zip(new[a], new_lp[a] or [None] * len(new[a])):
+                    if t in stop:
+                        u.finish_reason = "stop"
+                        break
+                    u.tokens.append(t)
+                    if logprobs:
+                        u.logprobs.append(lp)
+                    left[a] -= 1
+                    if left[a] == 0:
+                        u.finish_reason = "length"
+                        break
+                updates[row] = u
+                if u.finish_reason is None:
+                    keep.append(a)
+            yield list(updates.values())
+            updates = {}
+            if not keep:
+                return
+            if len(keep) < len(rows):  # finished rows stop costing work
+                model.cache.keep_rows(keep)
+                index = torch.tensor(keep, device=device)
+                token, pos = token[index], pos[index]
+                rows, left, pos_host = [rows[a] for a in keep], [left[a] for a in keep], [pos_host[a] for a in keep]
+        uniform = min(pos_host) == max(pos_host)
+        start = pos_host[0] if uniform else pos
+        h = model.hidden(token[:, None], start, kv_len=max(pos_host) + 1, rows=slice(0, len(rows)))
+        logits = model.logits(h[:, -1])
+        # Between syncs a finished row may run past its budget: it keeps rewriting its last position.
+        pos_host = [min(p + 1, cap) for p in pos_host]
+        pos = (pos + 1).clamp_(max=cap)
