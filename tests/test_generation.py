@@ -1,5 +1,7 @@
 """Generation against the naive implementation's greedy decoding, prompt by prompt."""
 
+import random
+
 import pytest
 import sentencepiece as spm
 import torch
@@ -178,3 +180,58 @@ def test_bfloat16_is_close_to_float32(tiny_dir, generator):
     tokens = torch.tensor([[1, 45, 300, 12, 77, 8]])
     diff = (bf16.model.forward(tokens, 0) - generator.model.forward(tokens, 0)).abs().max()
     assert diff < 0.5
+
+
+def plain_generate(model, prompts, max_gen_len, stop_token):
+    """The reference's algorithm on the public forward: decoding starts at the shortest prompt,
+    longer prompts are fed one token per step, the chosen token replaced by the prompt's."""
+    lengths = [len(p) for p in prompts]
+    total = min(model.params.max_seq_len, max(lengths) + max_gen_len)
+    tokens = torch.full((len(prompts), total), -1, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    logprobs = torch.zeros(tokens.shape)
+    is_prompt = tokens != -1
+    prev = 0
+    for cur in range(min(lengths), total):
+        logits = model.forward(tokens[:, prev:cur], prev)
+        tokens[:, cur] = torch.where(is_prompt[:, cur], tokens[:, cur], logits[:, -1].argmax(-1))
+        # logits at positions prev..cur-1 score the tokens at prev+1..cur
+        logprobs[:, prev + 1 : cur + 1] = torch.log_softmax(logits, -1).gather(2, tokens[:, prev + 1 : cur + 1, None])[..., 0]
+        prev = cur
+    out = []
+    for i, n in enumerate(lengths):
+        toks, lps = tokens[i, n : n + max_gen_len].tolist(), logprobs[i, n : n + max_gen_len].tolist()
+        if stop_token in toks:
+            toks, lps = toks[: toks.index(stop_token)], lps[: toks.index(stop_token)]
+        out.append((tokens[i, :n].tolist() + toks, logprobs[i, 1:n].tolist(), lps))
+    return out
+
+
+def test_batched_prefill_equals_plain_algorithm(generator, sp):
+    """One pass over a ragged batch, rows finishing at different steps, echo and logprobs: the
+    same tokens as the reference's token-by-token loop, log-probabilities within 1e-3."""
+    prompts = [[1] + sp.encode(p) for p in PROMPTS[1:] + ["x", "for i in range(10):\n    print(i)"]]
+    alone = [generator.generate([p], 12, temperature=0)[0][0] for p in prompts]
+    stop = alone[1][4]  # ends some rows early, not others
+    tokens, logprobs = generator.generate(prompts, 12, temperature=0, logprobs=True, echo=True, stop_token=stop)
+    expected = plain_generate(generator.model, prompts, 12, stop)
+    assert any(stop in a for a in alone) and not all(stop in a for a in alone)
+    for got, got_lp, (exp, exp_prompt_lp, exp_lp) in zip(tokens, logprobs, expected):
+        assert got == exp
+        assert_logprobs_close(got_lp, [0.0] + exp_prompt_lp + exp_lp)
+
+
+def test_prefill_groups_bound_padding():
+    from llama.engine import prefill_groups
+
+    assert prefill_groups([]) == []
+    assert prefill_groups([7]) == [range(0, 1)]
+    assert prefill_groups([3, 145, 185, 372]) == [range(0, 1), range(1, 3), range(3, 4)]
+    assert prefill_groups([10, 10, 11, 12]) == [range(0, 4)]
+    lengths = sorted(random.Random(0).randrange(1, 500) for _ in range(64))
+    groups = prefill_groups(lengths)
+    assert [i for g in groups for i in g] == list(range(64))
+    for g in groups:
+        real = sum(lengths[i] for i in g)
+        assert len(g) == 1 or max(lengths[i] for i in g) * len(g) <= 1.25 * real
