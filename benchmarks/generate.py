@@ -64,10 +64,13 @@ def peak_memory_mb(device) -> float:
 class Ours:
     name = "this package"
 
-    def __init__(self, ckpt, device, dtype, max_seq_len):
+    def __init__(self, ckpt, device, dtype, max_seq_len, compile=False):
         self.device = device
+        if compile:
+            self.name = "this package, compile=True"
         self.build_s = timed(lambda: setattr(self, "g", Llama.build(
-            str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len, 8, device=str(device), dtype=dtype)), device)
+            str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len, 8, device=str(device), dtype=dtype,
+            compile=compile)), device)
 
     def run(self, prompts, n):
         return self.g.generate(prompts, n, temperature=0, stop_token=-1)[0]
@@ -143,17 +146,20 @@ def main():
     parser.add_argument("--decode_len", type=int, default=48)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "reference"])
+    parser.add_argument("--compile", action="store_true", help="also run this package with compile=True")
     a = parser.parse_args()
     device = torch.device(a.device)
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_tiny_model(Path(tmp) / "model", **SHAPES[a.shape])
-        ours = Ours(ckpt, device, a.dtype, max_seq_len=max(a.prefill_len, max(RAGGED)) + a.decode_len + 8)
+        max_seq_len = max(a.prefill_len, max(RAGGED)) + a.decode_len + 8
+        ours = Ours(ckpt, device, a.dtype, max_seq_len)
+        compiled = Ours(ckpt, device, a.dtype, max_seq_len, compile=True) if a.compile else None
     vocab = ours.g.model.vocab_size
     n_params = sum(p.numel() for p in ours.g.model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.g.model.parameters())
-    systems = [ours]
+    systems = [ours] + ([compiled] if compiled else [])
     if "transformers" not in a.skip:
         systems.append(Transformers(ours, a.dtype))
     if "reference" not in a.skip:
@@ -171,7 +177,11 @@ def main():
         "decode_b8": (short, a.decode_len + 1),
         "ragged": ([prompt(n) for n in RAGGED], 16),
     }
-    answers = {s.name: s.run(*workloads["ragged"]) for s in systems}  # also warms up
+    answers = {s.name: s.run(*workloads["ragged"]) for s in systems}
+    for s in systems:  # warm up (and compile, for compile=True) every shape before timing
+        if not isinstance(s, Reference):
+            for prompts, n in workloads.values():
+                s.run(prompts, n)
     same = [answers[s.name] == answers[ours.name] for s in systems]
     times = {s.name: {w: [] for w in workloads} for s in systems}
     for _ in range(a.repeat):

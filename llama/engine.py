@@ -11,13 +11,14 @@ Every model-parallel rank runs this loop on the same inputs and draws the same t
 ranks take the same decisions without talking to each other.
 """
 
+import warnings
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from llama.model import Transformer
+from llama.model import KVCache, Transformer
 from llama.sampling import sample
 
 
@@ -88,6 +89,64 @@ def _prefill(
     return wanted, logits, lps
 
 
+def eager_decode(model: Transformer, token: torch.Tensor, pos: torch.Tensor, pos_host: List[int]) -> torch.Tensor:
+    """Logits (A, V) after feeding one token per active row (cache rows 0..A-1) at its position."""
+    uniform = min(pos_host) == max(pos_host)
+    start = pos_host[0] if uniform else pos  # a shared position needs no mask
+    h = model.hidden(token[:, None], start, kv_len=max(pos_host) + 1, rows=slice(0, len(pos_host)))
+    return model.logits(h[:, -1])
+
+
+class CompiledDecode:
+    """The decode step compiled with torch.compile for static shapes (CUDA graphs on a GPU).
+
+    Each batch runs on a KV cache of its own size bucket (rows padded to a power of two, length
+    rounded to a power of two), kept across calls at fixed addresses; the step attends over the
+    whole cache with a mask and writes it in place. So each (rows, length) pair compiles once.
+    If compilation fails, a warning says why and the eager step is used from then on."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        cuda = model.output.weight.device.type == "cuda"
+        self.compiled = torch.compile(self._step, mode="reduce-overhead" if cuda else None, dynamic=False)
+        self.caches: Dict[int, KVCache] = {}
+        self.broken: Optional[str] = None
+
+    def use_cache(self, batch_size: int, seq_len: int) -> None:
+        """Point the model at the static cache of this batch's bucket, with room for seq_len."""
+        rows = 1 << (batch_size - 1).bit_length()
+        if rows not in self.caches:
+            w = self.model.output.weight
+            n_kv = self.model.layers[0].attention.n_local_kv_heads
+            self.caches[rows] = KVCache(self.model.params, n_kv, w.dtype, w.device, pow2=True)
+        cache = self.caches[rows]
+        before = cache.k[0]
+        cache.reserve(rows, seq_len)
+        if cache.k[0] is not before:  # new tensors: tell the compiler their addresses are fixed
+            for t in cache.k + cache.v:
+                torch._dynamo.mark_static_address(t)
+        self.model.cache = cache
+
+    def _step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        h = model.hidden(token[:, None], pos, kv_len=model.cache.seq_len)  # every row of the cache
+        return model.logits(h[:, -1])
+
+    def __call__(self, model: Transformer, token: torch.Tensor, pos: torch.Tensor, pos_host: List[int]) -> torch.Tensor:
+        if self.broken:
+            return eager_decode(model, token, pos, pos_host)
+        n, rows = len(pos_host), model.cache.batch_size
+        if rows > n:  # rows that are padding or finished write at position 0 of unused cache rows
+            token = torch.cat([token, token.new_zeros(rows - n)])
+            pos = torch.cat([pos, pos.new_zeros(rows - n)])
+        try:
+            return self.compiled(token, pos)[:n].clone()  # a CUDA graph's next replay overwrites its output
+        except Exception as e:  # compilation is best effort: any failure falls back to eager
+            self.broken = f"{type(e).__name__}: {e}".splitlines()[0]
+            warnings.warn(f"compile=True: the decode step could not be compiled ({self.broken}); running eagerly")
+            return eager_decode(model, token[:n], pos[:n], pos_host)
+
+
 def generate(
     model: Transformer,
     prompts: List[List[int]],
@@ -100,6 +159,7 @@ def generate(
     prompt_logprobs: bool = False,
     sync_every: int = 1,
     prefill_chunk: int = 2048,
+    decode: Callable = eager_decode,
 ) -> Iterator[List[RowUpdate]]:
     """Continue each prompt by up to budgets[i] tokens, stopping a row at any of `stop_ids`.
 
@@ -164,10 +224,7 @@ def generate(
                 index = torch.tensor(keep, device=device)
                 token, pos = token[index], pos[index]
                 rows, left, pos_host = [rows[a] for a in keep], [left[a] for a in keep], [pos_host[a] for a in keep]
-        uniform = min(pos_host) == max(pos_host)
-        start = pos_host[0] if uniform else pos
-        h = model.hidden(token[:, None], start, kv_len=max(pos_host) + 1, rows=slice(0, len(rows)))
-        logits = model.logits(h[:, -1])
+        logits = decode(model, token, pos, pos_host)
         # Between syncs a finished row may run past its budget: it keeps rewriting its last position.
         pos_host = [min(p + 1, cap) for p in pos_host]
         pos = (pos + 1).clamp_(max=cap)

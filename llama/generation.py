@@ -108,6 +108,7 @@ class Llama:
         dtype: Union[None, str, torch.dtype] = None,
         device: Union[None, str, torch.device] = None,
         seed: int = 1,
+        compile: bool = False,
     ) -> "Llama":
         """Load a checkpoint in Meta's layout (params.json, consolidated.NN.pth, tokenizer.model).
 
@@ -121,6 +122,8 @@ class Llama:
                 float16 on MPS, float32 on CPU.
             device: default CUDA (GPU LOCAL_RANK) when available, else MPS, else CPU.
             seed: sampling seed; the same on every rank so that all ranks pick the same tokens.
+            compile: compile the decode step with torch.compile (CUDA graphs on a GPU). The first
+                batches of each size compile (a minute or more); falls back to eager on failure.
         Returns:
             a Llama generator; `.model` is the Transformer, `.tokenizer` the Tokenizer.
         """
@@ -144,13 +147,14 @@ class Llama:
         )
         if distributed.is_main_process():
             print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
-        return Llama(model, tokenizer, seed=seed)
+        return Llama(model, tokenizer, seed=seed, compile=compile)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.output.weight.device
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
+        self.decode = engine.CompiledDecode(model) if compile else engine.eager_decode
 
     @torch.inference_mode()
     def generate(
@@ -410,8 +414,12 @@ class Llama:
     ) -> Iterator[List[RowUpdate]]:
         """The engine's updates for one batch of at most max_batch_size checked prompts."""
         budgets = [min(max_gen_len, self.model.params.max_seq_len - len(p)) for p in prompts]
-        self.model.reserve_cache(len(prompts), max(len(p) + b for p, b in zip(prompts, budgets)))
+        seq_len = max(len(p) + b for p, b in zip(prompts, budgets))
+        if isinstance(self.decode, engine.CompiledDecode):
+            self.decode.use_cache(len(prompts), seq_len)
+        else:
+            self.model.reserve_cache(len(prompts), seq_len)
         return engine.generate(
             self.model, prompts, budgets, stop_ids, temperature, top_p, self.rng,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, sync_every=sync_every,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, sync_every=sync_every, decode=self.decode,
         )

@@ -11,8 +11,8 @@ from typing import List, Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
-import fairscale.nn.model_parallel.mappings as fs_mappings
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -57,10 +57,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum x over the model-parallel group, in place."""
+    group = fs_init.get_model_parallel_group()
+    if dist.get_world_size(group=group) > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every model-parallel rank's x along the last dimension, in rank order."""
+    group = fs_init.get_model_parallel_group()
+    world = dist.get_world_size(group=group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
 # fairscale's parallel layers allocate and initialise full weights in __init__ with the legacy
 # `torch.Tensor(...)` constructor, which ignores `with torch.device("meta")`. These subclasses keep
-# fairscale's collectives and weight layout but only declare the local shard, so the model can be
-# built on the meta device and the checkpoint's tensors assigned in place: nothing is allocated twice.
+# fairscale's weight layout (the checkpoints' sharding contract) but only declare the local shard,
+# so the model can be built on the meta device and the checkpoint's tensors assigned in place:
+# nothing is allocated twice. Their forward calls the collectives above directly: fairscale's
+# autograd wrappers serve training, and torch.compile cannot trace them.
 
 
 class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
@@ -76,8 +97,8 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(fs_mappings.copy_to_model_parallel_region(x), self.weight)
-        return fs_mappings.gather_from_model_parallel_region(y) if self.gather_output else y
+        y = linear(x, self.weight)
+        return all_gather_last_dim(y) if self.gather_output else y
 
 
 class RowParallelLinear(fs_layers.RowParallelLinear):
@@ -93,7 +114,7 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
         self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fs_mappings.reduce_from_model_parallel_region(linear(x, self.weight))
+        return all_reduce(linear(x, self.weight))
 
 
 class ParallelEmbedding(fs_layers.ParallelEmbedding):
@@ -107,6 +128,9 @@ class ParallelEmbedding(fs_layers.ParallelEmbedding):
         world = fs_init.get_model_parallel_world_size()
         self.embedding_dim_per_partition = embedding_dim // world
         self.weight = nn.Parameter(torch.empty(num_embeddings, self.embedding_dim_per_partition))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return all_gather_last_dim(F.embedding(tokens, self.weight))
 
 
 class RMSNorm(nn.Module):
@@ -146,47 +170,56 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values of every layer for one batch, laid out (layer, B, H_kv, S, D) for attention.
+    """Keys and values of one batch, one (B, H_kv, S, D) tensor per layer, laid out for attention.
 
     It starts empty and grows (contents kept) to what a call asks for, never past the model's
-    max_batch_size x max_seq_len. Lengths are rounded up so a growing sequence rarely reallocates."""
+    max_batch_size x max_seq_len. Lengths are rounded up (to a multiple of 256, or to a power of
+    two for a compiled decode step, which compiles once per shape) so that a growing sequence
+    rarely reallocates."""
 
     ROUND = 256
 
-    def __init__(self, args: ModelArgs, n_local_kv_heads: int, dtype: torch.dtype, device: torch.device):
-        self.args = args
-        shape = (args.n_layers, 0, n_local_kv_heads, 0, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, args: ModelArgs, n_local_kv_heads: int, dtype: torch.dtype, device: torch.device,
+                 pow2: bool = False):
+        self.args, self.pow2 = args, pow2
+        empty = torch.zeros((0, n_local_kv_heads, 0, args.head_dim), dtype=dtype, device=device)
+        self.k = [empty] * args.n_layers
+        self.v = [empty] * args.n_layers
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def seq_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def keep_rows(self, rows: List[int]) -> None:
         """Move cache rows `rows` (in this order) to the front: rows [0, len(rows)) hold them after."""
         if rows == list(range(len(rows))):
             return
-        index = torch.tensor(rows, device=self.k.device)
-        self.k[:, : len(rows)] = self.k[:, index]
-        self.v[:, : len(rows)] = self.v[:, index]
+        index = torch.tensor(rows, device=self.k[0].device)
+        for t in self.k + self.v:
+            t[: len(rows)] = t[index]
 
     def reserve(self, batch_size: int, seq_len: int) -> None:
         """Make room for `batch_size` rows of `seq_len` positions, keeping what is cached."""
         if batch_size <= self.batch_size and seq_len <= self.seq_len:
             return
-        rounded = -(-seq_len // self.ROUND) * self.ROUND
+        if self.pow2:
+            rounded = max(self.ROUND, 1 << (seq_len - 1).bit_length())
+        else:
+            rounded = -(-seq_len // self.ROUND) * self.ROUND
         new_s = max(self.seq_len, min(rounded, self.args.max_seq_len))
         new_b = max(self.batch_size, batch_size)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros((old.shape[0], new_b, old.shape[2], new_s, old.shape[4]))
-            new[:, : old.shape[1], :, : old.shape[3]] = old
-            setattr(self, name, new)
+
+        def grown(old: torch.Tensor) -> torch.Tensor:
+            new = old.new_zeros((new_b, old.shape[1], new_s, old.shape[3]))
+            new[: old.shape[0], :, : old.shape[2]] = old
+            return new
+
+        self.k = [grown(t) for t in self.k]
+        self.v = [grown(t) for t in self.v]
 
 
 @dataclass
@@ -254,7 +287,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
 
-        cache_k, cache_v = cache_k[plan.rows], cache_v[plan.rows]  # (B, H_kv, S_cache, D)
+        if (plan.rows.start, plan.rows.stop) != (0, cache_k.shape[0]):
+            cache_k, cache_v = cache_k[plan.rows], cache_v[plan.rows]  # (B, H_kv, S_cache, D)
         if plan.positions is None:
             cache_k[:, :, plan.start : plan.start + seqlen] = k
             cache_v[:, :, plan.start : plan.start + seqlen] = v

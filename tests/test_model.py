@@ -96,16 +96,20 @@ def test_rope_theta_comes_from_params(generator):
 def test_kv_cache_grows_keeping_contents():
     args = ModelArgs(dim=16, n_layers=2, n_heads=2, max_seq_len=1000, max_batch_size=4)
     cache = KVCache(args, n_local_kv_heads=2, dtype=torch.float32, device=torch.device("cpu"))
-    assert cache.k.numel() == 0, "nothing is reserved up front"
+    assert sum(t.numel() for t in cache.k + cache.v) == 0, "nothing is reserved up front"
     cache.reserve(1, 10)
     assert (cache.batch_size, cache.seq_len) == (1, KVCache.ROUND)
-    cache.k.normal_()
-    kept = cache.k.clone()
+    for t in cache.k:
+        t.normal_()
+    kept = [t.clone() for t in cache.k]
     cache.reserve(3, 600)
     assert (cache.batch_size, cache.seq_len) == (3, 768)
-    assert torch.equal(cache.k[:, :1, :, : KVCache.ROUND], kept)
+    assert all(torch.equal(t[:1, :, : KVCache.ROUND], old) for t, old in zip(cache.k, kept))
     cache.reserve(2, 990)
     assert cache.seq_len == 1000, "capped at max_seq_len"
+    pow2 = KVCache(args, n_local_kv_heads=2, dtype=torch.float32, device=torch.device("cpu"), pow2=True)
+    pow2.reserve(2, 300)
+    assert pow2.seq_len == 512
 
 
 def test_model_builds_on_meta_without_allocating():
