@@ -1,0 +1,94 @@
+"""Know before you run: memory per GPU (or per process) for weights and KV cache.
+
+    python -m llama.memory --ckpt_dir CodeLlama-7b/ --max_seq_len 100000 --max_batch_size 1 [--mp 1]
+
+The estimate needs only params.json (and tokenizer.model for the vocabulary size, else 32016).
+"""
+
+import argparse
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+GiB = 2**30
+
+
+def weight_bytes(args, mp: int, bytes_per_param: int) -> int:
+    """Bytes of one model-parallel rank's weights (norms are replicated, the rest split)."""
+    d, hd, f, v = args.dim, args.head_dim, args.ffn_hidden_dim, args.vocab_size
+    per_layer = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2 + 3 * d * f
+    split = 2 * v * d + args.n_layers * per_layer
+    replicated = (2 * args.n_layers + 1) * d
+    return (split // mp + replicated) * bytes_per_param
+
+
+def kv_cache_bytes(args, batch_size: int, seq_len: int, mp: int, bytes_per_value: int) -> int:
+    """Bytes of one rank's KV cache for batch_size rows of seq_len positions."""
+    return 2 * args.n_layers * batch_size * (args.n_kv_heads // mp) * seq_len * args.head_dim * bytes_per_value
+
+
+def working_bytes(args, batch_size: int, mp: int, chunk: int, bytes_per_value: int) -> int:
+    """A rough bound on the transient tensors of a prefill chunk (activations, attention mask, logits)."""
+    rows = batch_size * chunk
+    activations = rows * (4 * args.dim + 3 * args.ffn_hidden_dim // mp) * bytes_per_value
+    return activations + batch_size * args.vocab_size * 4
+
+
+def check_cuda_room(nbytes: int, device: torch.device, what: str, advice: str) -> None:
+    """Raise before allocating `nbytes` on a CUDA device that cannot hold them."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if nbytes > free + cached:
+        raise torch.cuda.OutOfMemoryError(
+            f"{what} needs {nbytes / GiB:.1f} GiB but only {(free + cached) / GiB:.1f} GiB are free on {device}: "
+            f"{advice} (python -m llama.memory estimates what fits)"
+        )
+
+
+def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtype: str, chunk: int = 2048) -> Dict[str, int]:
+    from llama.checkpoint import model_args, read_params
+
+    folder = Path(ckpt_dir)
+    vocab = 32016
+    if (folder / "tokenizer.model").is_file():
+        from llama.tokenizer import Tokenizer
+
+        vocab = Tokenizer(str(folder / "tokenizer.model")).n_words
+    args = model_args(read_params(folder), vocab, max_seq_len, max_batch_size, str(folder / "params.json"))
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return {
+        "weights": weight_bytes(args, mp, size),
+        "kv_cache": kv_cache_bytes(args, max_batch_size, max_seq_len, mp, size),
+        "working": working_bytes(args, max_batch_size, mp, min(chunk, max_seq_len), size),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llama.memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_dir", required=True)
+    parser.add_argument("--max_seq_len", type=int, required=True, help="prompt + answer, in tokens")
+    parser.add_argument("--max_batch_size", type=int, default=1)
+    parser.add_argument("--mp", type=int, default=1, help="model-parallel processes (GPUs)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    a = parser.parse_args(argv)
+    try:
+        est = estimate(a.ckpt_dir, a.max_seq_len, a.max_batch_size, a.mp, a.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    total = sum(est.values())
+    print(f"per GPU (model-parallel degree {a.mp}, {a.dtype}, {a.max_batch_size} x {a.max_seq_len} tokens):")
+    print(f"  weights   {est['weights'] / GiB:8.2f} GiB")
+    print(f"  KV cache  {est['kv_cache'] / GiB:8.2f} GiB  (grows with the requests; this is the most they can need)")
+    print(f"  working   {est['working'] / GiB:8.2f} GiB  (a prefill chunk's activations and logits, roughly)")
+    print(f"  total     {total / GiB:8.2f} GiB")
+    if torch.cuda.is_available():
+        capacity = torch.cuda.get_device_properties(0).total_memory
+        verdict = "fits" if total < 0.95 * capacity else "does NOT fit"
+        print(f"{torch.cuda.get_device_name(0)} has {capacity / GiB:.1f} GiB: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
