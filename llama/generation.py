@@ -7,6 +7,7 @@ its `Generation` records into the reference's result dicts.
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
@@ -90,6 +91,12 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     raise ValueError(f"unsupported dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")
 
 
+def trained_context(rope_theta: float) -> int:
+    """Longest sequence a Code Llama model was trained on: 16k tokens with the long-context rotary
+    base (1e6; stable to about 100k), 4k with Llama 2's 1e4 (70B-Python and -Instruct)."""
+    return 16384 if rope_theta >= 1e6 else 4096
+
+
 def _positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -109,6 +116,7 @@ class Llama:
         device: Union[None, str, torch.device] = None,
         seed: int = 1,
         compile: bool = False,
+        prefill_chunk_size: int = 2048,
     ) -> "Llama":
         """Load a checkpoint in Meta's layout (params.json, consolidated.NN.pth, tokenizer.model).
 
@@ -124,11 +132,14 @@ class Llama:
             seed: sampling seed; the same on every rank so that all ranks pick the same tokens.
             compile: compile the decode step with torch.compile (CUDA graphs on a GPU). The first
                 batches of each size compile (a minute or more); falls back to eager on failure.
+            prefill_chunk_size: prompts go through the model at most this many tokens at a time,
+                which bounds the memory of a long prompt's prefill.
         Returns:
             a Llama generator; `.model` is the Transformer, `.tokenizer` the Tokenizer.
         """
         _positive_int("max_seq_len", max_seq_len)
         _positive_int("max_batch_size", max_batch_size)
+        _positive_int("prefill_chunk_size", prefill_chunk_size)
         start = time.time()
         device = distributed.resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -147,14 +158,18 @@ class Llama:
         )
         if distributed.is_main_process():
             print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
-        return Llama(model, tokenizer, seed=seed, compile=compile)
+        return Llama(model, tokenizer, seed=seed, compile=compile, prefill_chunk_size=prefill_chunk_size)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False):
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False,
+        prefill_chunk_size: int = 2048,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.output.weight.device
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
         self.decode = engine.CompiledDecode(model) if compile else engine.eager_decode
+        self.prefill_chunk_size = prefill_chunk_size
 
     @torch.inference_mode()
     def generate(
@@ -415,6 +430,12 @@ class Llama:
         """The engine's updates for one batch of at most max_batch_size checked prompts."""
         budgets = [min(max_gen_len, self.model.params.max_seq_len - len(p)) for p in prompts]
         seq_len = max(len(p) + b for p, b in zip(prompts, budgets))
+        longest, trained = max(len(p) for p in prompts), trained_context(self.model.params.rope_theta)
+        if longest > trained:
+            warnings.warn(
+                f"a prompt of {longest} tokens is longer than the {trained} this model was trained on "
+                f"(rope_theta={self.model.params.rope_theta:g}); quality may degrade"
+            )
         if isinstance(self.decode, engine.CompiledDecode):
             self.decode.use_cache(len(prompts), seq_len)
         else:
@@ -422,4 +443,5 @@ class Llama:
         return engine.generate(
             self.model, prompts, budgets, stop_ids, temperature, top_p, self.rng,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, sync_every=sync_every, decode=self.decode,
+            prefill_chunk=self.prefill_chunk_size,
         )

@@ -15,6 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
+
+from llama.memory import check_cuda_room
 
 
 @dataclass
@@ -212,6 +215,12 @@ class KVCache:
             rounded = -(-seq_len // self.ROUND) * self.ROUND
         new_s = max(self.seq_len, min(rounded, self.args.max_seq_len))
         new_b = max(self.batch_size, batch_size)
+        old = self.k[0]
+        check_cuda_room(
+            2 * len(self.k) * new_b * old.shape[1] * new_s * old.shape[3] * old.element_size(), old.device,
+            f"the KV cache for {new_b} x {new_s} positions",
+            "lower max_gen_len, the prompts' length or how many run together (max_batch_size)",
+        )
 
         def grown(old: torch.Tensor) -> torch.Tensor:
             new = old.new_zeros((new_b, old.shape[1], new_s, old.shape[3]))
@@ -232,7 +241,7 @@ class AttentionPlan:
     start: Optional[int]  # every row writes positions start..start+T-1 (None: see `positions`)
     positions: Optional[torch.Tensor]  # (B,) per-row write position of the single new token
     kv_len: int  # queries attend to cache positions [0, kv_len)
-    mask: Optional[torch.Tensor]  # bool, broadcastable to (B, 1, T, kv_len); True = may attend
+    mask: Union[None, torch.Tensor, CausalBias]  # bool, broadcastable to (B, 1, T, kv_len): True = may attend
     is_causal: bool  # plain causal mask, used when keys are exactly the T new tokens
 
 
@@ -247,9 +256,9 @@ def attention_plan(
             return AttentionPlan(rows, start_pos, None, kv_len, None, False)
         if start_pos == 0:
             return AttentionPlan(rows, 0, None, kv_len, None, True)
-        # A chunk after cached positions: query t sees keys 0..start_pos+t (lower-right causal).
-        q = torch.arange(seqlen, device=device)[:, None] + start_pos
-        return AttentionPlan(rows, start_pos, None, kv_len, torch.arange(kv_len, device=device) <= q, False)
+        # A chunk after cached positions: query t sees keys 0..start_pos+t. The lower-right causal
+        # bias lets the flash / memory-efficient kernels apply it without a (T, kv_len) mask.
+        return AttentionPlan(rows, start_pos, None, kv_len, causal_lower_right(seqlen, kv_len), False)
     if seqlen != 1:
         raise ValueError("per-row positions are only supported for one new token per row")
     positions = start_pos

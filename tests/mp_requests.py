@@ -26,8 +26,18 @@ DIALOG = [
 ]
 
 
+def chunked(generator: Llama) -> list:
+    """Completion with echo and logprobs, prompts going through the model 7 tokens at a time."""
+    generator.prefill_chunk_size = 7
+    try:
+        return generator.text_completion(PROMPTS, temperature=0, max_gen_len=12, logprobs=True, echo=True)
+    finally:
+        generator.prefill_chunk_size = 2048
+
+
 def requests(generator: Llama) -> dict:
     return {
+        "chunked": chunked(generator),
         "completion": generator.text_completion(PROMPTS, temperature=0, max_gen_len=12, logprobs=True),
         "echo": dict(zip(("tokens", "logprobs"), generator.generate(
             [[1, 45, 300, 12]], max_gen_len=6, temperature=0, logprobs=True, echo=True))),

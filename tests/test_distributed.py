@@ -82,7 +82,7 @@ CASES = [
     ("mp2", "echo"), ("step_mp2", "chat70b"),
     ("mp1", "completion"), ("mp1", "infill"), ("mp1", "chat"), ("step_mp1", "chat70b"),
     ("resharded", "completion"), ("resharded", "infill"),
-    ("mp2", "stream"), ("mp2", "infill_stream"), ("step_mp2", "chat70b_stream"),
+    ("mp2", "stream"), ("mp2", "infill_stream"), ("step_mp2", "chat70b_stream"), ("mp2", "chunked"),
 ]
 
 
