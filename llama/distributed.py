@@ -81,3 +81,16 @@ def setup_model_parallel(model_parallel_size: Optional[int], device: torch.devic
 def _destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_cuda_room(nbytes: int, device: torch.device, what: str, advice: str) -> None:
+    """Raise before allocating `nbytes` on a CUDA device that cannot hold them."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if nbytes > free + cached:
+        raise torch.cuda.OutOfMemoryError(
+            f"{what} needs {nbytes / 2**30:.1f} GiB but only {(free + cached) / 2**30:.1f} GiB are free on {device}: "
+            f"{advice} (python -m llama.memory estimates what fits)"
+        )

@@ -35,19 +35,6 @@ def working_bytes(args, batch_size: int, mp: int, chunk: int, bytes_per_value: i
     return activations + batch_size * args.vocab_size * 4
 
 
-def check_cuda_room(nbytes: int, device: torch.device, what: str, advice: str) -> None:
-    """Raise before allocating `nbytes` on a CUDA device that cannot hold them."""
-    if device.type != "cuda":
-        return
-    free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if nbytes > free + cached:
-        raise torch.cuda.OutOfMemoryError(
-            f"{what} needs {nbytes / GiB:.1f} GiB but only {(free + cached) / GiB:.1f} GiB are free on {device}: "
-            f"{advice} (python -m llama.memory estimates what fits)"
-        )
-
-
 def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtype: str, chunk: int = 2048) -> Dict[str, int]:
     from llama.checkpoint import model_args, read_params
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from llama.memory import check_cuda_room
+from llama.distributed import check_cuda_room
 
 
 @dataclass

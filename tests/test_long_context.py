@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llama import Llama, engine
-from llama.memory import check_cuda_room, kv_cache_bytes, weight_bytes
+from llama.distributed import check_cuda_room
+from llama.memory import kv_cache_bytes, weight_bytes
 from llama.model import ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent
