@@ -14,7 +14,11 @@ setup(
         "fire",
         "sentencepiece",
         "protobuf",  # python -m llama.tiny edits sentencepiece models
+        "safetensors",  # the Hugging Face layout
         "tqdm",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "test": ["pytest", "transformers"],  # transformers: the reference for the Hugging Face layout
+        "bench": ["transformers"],
+    },
 )

@@ -16,25 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from llama.model import ModelArgs, Transformer
-
-# How each weight is split across model-parallel ranks (the dimension), None = replicated.
-# Column-parallel layers split their output features (rows), row-parallel ones their input
-# features (columns), the embedding its embedding dimension.
-_SHARD_DIM = {
-    "tok_embeddings": 1,
-    "output": 0,
-    "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0,
-    "wo": 1, "w2": 1,
-}
-
-
-def shard_dim(key: str) -> Optional[int]:
-    """The dimension along which checkpoint tensor `key` is split over ranks (None: every rank
-    holds all of it), e.g. "layers.0.attention.wq.weight" -> 0."""
-    parts = key.split(".")
-    return _SHARD_DIM.get(parts[-2]) if len(parts) >= 2 else None
-
+from llama.model import ModelArgs, Transformer, shard_dim
 
 def shard_of(key: str, tensor: torch.Tensor, rank: int, mp_size: int) -> torch.Tensor:
     """Rank `rank`'s part of the full (unsharded) checkpoint tensor `key`."""
@@ -163,12 +145,16 @@ class ShardReader:
             self._shards[i] = load_shard(self.paths[i])
         return self._shards[i]
 
+    def describe(self) -> str:
+        return ", ".join(self.paths[i].name for i in self.needed)
+
     def keys(self) -> List[str]:
         return list(self._shard(self.needed[0]))
 
-    def stored_shape(self, key: str) -> Tuple[int, ...]:
-        """Shape of `key` as stored in one shard."""
-        return tuple(self._shard(self.needed[0])[key].shape)
+    def vocab_rows(self) -> int:
+        """The vocabulary size of the checkpoint (the embedding is split by columns: every shard
+        has all its rows)."""
+        return self._shard(self.needed[0])["tok_embeddings.weight"].shape[0]
 
     def _pieces(self, key: str) -> Tuple[Optional[int], List[torch.Tensor]]:
         """(split dim, [slices of shard tensors that make up this rank's part, in order])."""
@@ -225,6 +211,28 @@ class ShardReader:
         return out
 
 
+def open_checkpoint(ckpt_dir: str, rank: int, mp_size: int):
+    """(params.json's hyper-parameters, a reader of rank's share) for a checkpoint folder in Meta's
+    layout (consolidated.NN.pth) or Hugging Face's (config.json and *.safetensors or *.bin)."""
+    from llama import hf
+
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        hint = " (it is a file; pass the folder that holds it)" if folder.exists() else ""
+        raise FileNotFoundError(f"checkpoint folder not found: {str(folder)!r}{hint}")
+    if not any(folder.glob("*.pth")):
+        if hf.is_hf_dir(folder):
+            params = hf.read_config(folder)
+            return params, hf.HFReader(folder, params, rank, mp_size)
+        if not (folder / "params.json").exists():
+            raise FileNotFoundError(
+                f"{str(folder)!r} is neither a Meta checkpoint (params.json and consolidated.NN.pth, as "
+                "download.sh writes them) nor a Hugging Face one (config.json and model*.safetensors)"
+            )
+    paths = shard_paths(folder)
+    return read_params(folder), ShardReader(paths, rank, mp_size)
+
+
 def load_model(
     ckpt_dir: str,
     vocab_size: int,
@@ -237,15 +245,13 @@ def load_model(
     show_progress: bool = True,
 ) -> Transformer:
     """Build the Transformer for model-parallel rank `mp_rank` of `mp_size` on `device`, in `dtype`,
-    with its share of the weights of the checkpoint in `ckpt_dir` (any number of shards)."""
+    with its share of the weights of the checkpoint in `ckpt_dir` (Meta's layout with any number of
+    shards, or Hugging Face's)."""
     folder = Path(ckpt_dir)
-    paths = shard_paths(folder)
-    args = model_args(read_params(folder), vocab_size, max_seq_len, max_batch_size, str(folder / "params.json"))
-    reader = ShardReader(paths, mp_rank, mp_size)
-    if "tok_embeddings.weight" in reader.keys():  # split by columns: every shard has all rows
-        rows = reader.stored_shape("tok_embeddings.weight")[0]
-        if rows != vocab_size:
-            raise ValueError(_shape_error("tok_embeddings.weight", (rows,), (vocab_size,), vocab_size, folder))
+    params, reader = open_checkpoint(ckpt_dir, mp_rank, mp_size)
+    args = model_args(params, vocab_size, max_seq_len, max_batch_size, str(folder / "params.json"))
+    if "tok_embeddings.weight" in reader.keys() and reader.vocab_rows() != vocab_size:
+        raise ValueError(_shape_error("tok_embeddings.weight", (reader.vocab_rows(),), (vocab_size,), vocab_size, folder))
     check_degree(args, mp_size)
     with torch.device("meta"):
         model = Transformer(args)
@@ -254,17 +260,16 @@ def load_model(
     missing = [k for k in expected if k not in available]
     if missing:
         raise ValueError(
-            f"{str(paths[reader.needed[0]])!r} lacks {len(missing)} weight(s), e.g. {missing[:3]}: the file is "
-            "not a Llama checkpoint, or params.json belongs to another model"
+            f"{reader.describe()} in {str(folder)!r} lack(s) {len(missing)} weight(s), e.g. {missing[:3]}: "
+            "the files are not a Llama checkpoint, or params.json belongs to another model"
         )
     for key, want in expected.items():
         got = reader.shape(key)
         if got != want:
             raise ValueError(_shape_error(key, got, want, vocab_size, folder))
-    names = ", ".join(paths[i].name for i in reader.needed)
     loaded = {
         key: reader.read(key, dtype, device)
-        for key in tqdm(expected, desc=f"loading {names}", unit="tensor", disable=None if show_progress else True)
+        for key in tqdm(expected, desc=f"loading {reader.describe()}", unit="tensor", disable=None if show_progress else True)
     }
     model.load_state_dict(loaded, assign=True, strict=True)
     model.requires_grad_(False)

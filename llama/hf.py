@@ -1,16 +1,19 @@
-"""The Hugging Face layout of Llama weights, and how it maps to Meta's.
+"""The Hugging Face layout of Llama weights (config.json and model*.safetensors, or older
+pytorch_model*.bin), and how it maps to Meta's.
 
 Hugging Face names every tensor differently and stores the rows of the query and key projections
 in a "rotate half" order: within each head, the first halves of Meta's interleaved (even, odd)
 rotary pairs come first, then the second halves.
 """
 
+import json
 import re
-from typing import Dict, Optional
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from llama.model import ModelArgs
+from llama.model import ModelArgs, shard_dim
 
 # Meta name -> Hugging Face name; {i} is the layer index.
 META_TO_HF = {
@@ -96,3 +99,153 @@ def hf_config(args: ModelArgs, max_position_embeddings: int = 16384) -> dict:
         "eos_token_id": 2,
         "torch_dtype": "bfloat16",
     }
+
+
+# Reading the Hugging Face layout ------------------------------------------------------------
+
+
+def is_hf_dir(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def ffn_params(dim: int, width: int) -> Tuple[int, Optional[float]]:
+    """(multiple_of, ffn_dim_multiplier) that make Meta's FFN formula give `width` for `dim`."""
+    for multiple_of, multiplier in ((256, 1.0), (4096, 1.3), (256, None), (width, None)):
+        args = ModelArgs(dim=dim, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
+        if args.ffn_hidden_dim == width:
+            return multiple_of, multiplier
+    raise ValueError(f"no (multiple_of, ffn_dim_multiplier) gives an FFN width of {width} for dim {dim}")
+
+
+def read_config(folder: Path) -> dict:
+    """Meta's params.json for the model described by a Hugging Face config.json."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    archs = config.get("architectures") or []
+    if config.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
+        raise ValueError(
+            f"{path} describes a {config.get('model_type')!r} model ({', '.join(archs) or 'no architecture'}); "
+            "only Llama models (LlamaForCausalLM, such as codellama/CodeLlama-7b-hf) are supported"
+        )
+    rope = config.get("rope_scaling") or (config.get("rope_parameters") or {})
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ValueError(f"{path}: rotary scaling {rope!r} is not supported")
+    if config.get("tie_word_embeddings"):
+        raise ValueError(f"{path}: tied input and output embeddings are not supported")
+    try:
+        dim, width = config["hidden_size"], config["intermediate_size"]
+        multiple_of, multiplier = ffn_params(dim, width)
+        theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        return {
+            "dim": dim,
+            "n_layers": config["num_hidden_layers"],
+            "n_heads": config["num_attention_heads"],
+            "n_kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
+            "multiple_of": multiple_of,
+            "ffn_dim_multiplier": multiplier,
+            "norm_eps": config.get("rms_norm_eps", 1e-5),
+            "rope_theta": theta,
+        }
+    except KeyError as e:
+        raise ValueError(f"{path} lacks {e.args[0]!r}") from None
+
+
+def weight_files(folder: Path) -> Dict[str, Path]:
+    """Hugging Face tensor name -> the file that holds it, from the index if there is one."""
+    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+            if missing:
+                raise FileNotFoundError(
+                    f"{index} names {len(missing)} file(s) that are not in {folder}: {', '.join(missing)}; "
+                    "download them (the index lists every shard of the model)"
+                )
+            return {name: folder / f for name, f in weight_map.items()}
+        files = sorted(folder.glob(pattern))
+        if files:
+            return {name: f for f in files for name in _open(f).keys()}
+    raise FileNotFoundError(f"{folder} has a config.json but no model*.safetensors or pytorch_model*.bin weights")
+
+
+def _open(path: Path):
+    """A memory-mapped view of one weight file: keys(), and get_slice(name) with lazy slicing."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        return safe_open(str(path), framework="pt", device="cpu")
+    return _TorchFile(path)
+
+
+class _TorchFile:
+    """pytorch_model*.bin behind the same small interface as safetensors' safe_open."""
+
+    def __init__(self, path: Path):
+        from llama.checkpoint import load_shard
+
+        self.state = load_shard(path)
+
+    def keys(self):
+        return list(self.state)
+
+    def get_slice(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
+class HFReader:
+    """Model-parallel rank `rank` of `mp_size`'s view of a Hugging Face checkpoint, in Meta's names,
+    shapes and rotary layout (the same interface as checkpoint.ShardReader). Each tensor is sliced
+    for the rank before it is read; the q/k rows are put back into Meta's interleaved order."""
+
+    def __init__(self, folder: Path, params: dict, rank: int, mp_size: int):
+        self.folder, self.rank, self.mp_size = folder, rank, mp_size
+        self.n_heads, self.n_kv_heads = params["n_heads"], params["n_kv_heads"]
+        self.files = weight_files(folder)
+        self.names = {m: name for name in self.files if (m := meta_name(name)) is not None}
+        self._handles: Dict[Path, object] = {}
+
+    def describe(self) -> str:
+        return ", ".join(sorted({p.name for p in self.files.values()}))
+
+    def keys(self) -> List[str]:
+        return list(self.names)
+
+    def _slice(self, key: str):
+        path = self.files[self.names[key]]
+        if path not in self._handles:
+            self._handles[path] = _open(path)
+        return self._handles[path].get_slice(self.names[key])
+
+    def _full_shape(self, key: str) -> Tuple[int, ...]:
+        s = self._slice(key)
+        return tuple(s.get_shape() if hasattr(s, "get_shape") else s.shape)
+
+    def vocab_rows(self) -> int:
+        return self._full_shape("tok_embeddings.weight")[0]
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        shape = list(self._full_shape(key))
+        dim = shard_dim(key)
+        if dim is not None:
+            shape[dim] //= self.mp_size
+        return tuple(shape)
+
+    def read(self, key: str, dtype: Optional[torch.dtype] = None, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        dim, full = shard_dim(key), self._full_shape(key)
+        s = self._slice(key)
+        if dim is None:
+            t = s[:]
+        else:
+            n = full[dim] // self.mp_size
+            lo, hi = self.rank * n, (self.rank + 1) * n
+            t = s[lo:hi] if dim == 0 else s[:, lo:hi]
+        heads = {"attention.wq.weight": self.n_heads, "attention.wk.weight": self.n_kv_heads}
+        for suffix, n_heads in heads.items():
+            if key.endswith(suffix):
+                t = to_interleaved(t, n_heads // self.mp_size)
+        return t.to(device=device, dtype=dtype or t.dtype).contiguous()

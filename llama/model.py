@@ -136,6 +136,19 @@ class ParallelEmbedding(fs_layers.ParallelEmbedding):
         return all_gather_last_dim(F.embedding(tokens, self.weight))
 
 
+# How each checkpoint tensor is split over model-parallel ranks (the dimension), None = replicated:
+# column-parallel layers split their output features (rows), row-parallel ones their input
+# features (columns), the embedding its embedding dimension.
+_SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
+
+
+def shard_dim(key: str) -> Optional[int]:
+    """The dimension along which checkpoint tensor `key` is split over ranks (None: every rank
+    holds all of it), e.g. "layers.0.attention.wq.weight" -> 0."""
+    parts = key.split(".")
+    return _SHARD_DIM.get(parts[-2]) if len(parts) >= 2 else None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -1,21 +1,23 @@
-"""Write a copy of a checkpoint split for another model-parallel degree.
+"""Write a copy of a checkpoint split for another model-parallel degree, in Meta's layout.
 
     python -m llama.reshard SRC_DIR DST_DIR --mp M
 
-DST_DIR gets M consolidated.NN.pth shards (same dtype as the source), params.json,
-tokenizer.model and a fresh checklist.chk. Tensors are read one at a time from the memory-mapped
+SRC_DIR is a checkpoint in Meta's layout (any number of shards) or in Hugging Face's. DST_DIR gets
+M consolidated.NN.pth shards (same dtype as the source), params.json, tokenizer.model and a fresh
+checklist.chk. Tensors are read one at a time from the memory-mapped
 source; memory use peaks at about one output shard.
 """
 
 import argparse
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from llama.checkpoint import ShardReader, check_degree, model_args, read_params, shard_paths
+from llama.checkpoint import check_degree, model_args, open_checkpoint
 
 
 def md5sum(path: Path) -> str:
@@ -33,37 +35,40 @@ def write_checklist(folder: Path) -> None:
 
 
 def reshard(src: str, dst: str, mp: int, show_progress: bool = True) -> Path:
-    """Write the checkpoint in `src` as `mp` shards into `dst`; returns dst."""
+    """Write the checkpoint in `src` (Meta's layout with any number of shards, or Hugging Face's)
+    as `mp` consolidated.NN.pth shards in Meta's layout into `dst`; returns dst."""
     src_dir, dst_dir = Path(src), Path(dst)
-    paths = shard_paths(src_dir)
-    if dst_dir.resolve() == src_dir.resolve():
+    params, first = open_checkpoint(src, 0, mp)
+    if dst_dir.exists() and dst_dir.resolve() == src_dir.resolve():
         raise ValueError("DST_DIR must differ from SRC_DIR")
     if dst_dir.exists() and any(dst_dir.glob("*.pth")):
         raise FileExistsError(f"{dst_dir} already holds .pth files; pass an empty or new folder")
-    first = ShardReader(paths, 0, mp)
-    vocab = first.stored_shape("tok_embeddings.weight")[0]  # split by columns: all rows in every shard
-    check_degree(model_args(read_params(src_dir), vocab, 1, 1, str(src_dir / "params.json")), mp)
+    check_degree(model_args(params, first.vocab_rows(), 1, 1, str(src_dir)), mp)
     dst_dir.mkdir(parents=True, exist_ok=True)
     keys = first.keys()
-    with tqdm(total=mp * len(keys), unit="tensor", desc=f"{len(paths)} -> {mp} shards", disable=None if show_progress else True) as bar:
+    desc = f"{first.describe()} -> {mp} shard(s)"
+    with tqdm(total=mp * len(keys), unit="tensor", desc=desc, disable=None if show_progress else True) as bar:
         for rank in range(mp):
-            reader = first if rank == 0 else ShardReader(paths, rank, mp)
+            reader = first if rank == 0 else open_checkpoint(src, rank, mp)[1]
             shard = {}
             for key in keys:
                 shard[key] = reader.read(key).clone()  # compact storage: save writes just this tensor
                 bar.update()
             torch.save(shard, dst_dir / f"consolidated.{rank:02d}.pth")
             del shard, reader
-    for name in ("params.json", "tokenizer.model"):
-        if (src_dir / name).is_file():
-            shutil.copyfile(src_dir / name, dst_dir / name)
+    if (src_dir / "params.json").is_file():
+        shutil.copyfile(src_dir / "params.json", dst_dir / "params.json")
+    else:
+        (dst_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    if (src_dir / "tokenizer.model").is_file():
+        shutil.copyfile(src_dir / "tokenizer.model", dst_dir / "tokenizer.model")
     write_checklist(dst_dir)
     return dst_dir
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src_dir", help="checkpoint folder (params.json, consolidated.NN.pth)")
+    parser.add_argument("src_dir", help="checkpoint folder (Meta's or Hugging Face's layout)")
     parser.add_argument("dst_dir", help="folder to write (created if missing)")
     parser.add_argument("--mp", type=int, required=True, help="model-parallel degree of the copy")
     a = parser.parse_args(argv)

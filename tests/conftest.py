@@ -1,13 +1,16 @@
 """Session-wide tiny models in Meta's layout, built once per test run."""
 
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llama.convert import to_hf  # noqa: E402
 from llama.tiny import write_tiny_model  # noqa: E402
 
 
@@ -53,3 +56,30 @@ def step_generator(tiny_step_dir):
 
     return Llama.build(str(tiny_step_dir), str(tiny_step_dir / "tokenizer.model"), max_seq_len=128,
                        max_batch_size=4, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def native_hf_dir(tiny_dir, tmp_path_factory) -> Path:
+    """A random Llama written by transformers itself, in several .safetensors shards with an index,
+    with the tiny tokenizer (same vocabulary size)."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("native_hf")
+    config = transformers.LlamaConfig(
+        vocab_size=520, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():  # the default init is too small to tell tokens apart
+            p.normal_(0, 0.3 if p.dim() > 1 else 1.0)
+    model.save_pretrained(out, max_shard_size="50KB")
+    shutil.copyfile(tiny_dir / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tiny_dir, tmp_path_factory) -> Path:
+    """tiny_dir converted by python -m llama.convert to-hf."""
+    return to_hf(str(tiny_dir), str(tmp_path_factory.mktemp("converted") / "hf"), shard_bytes=100_000, show_progress=False)

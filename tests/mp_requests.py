@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from llama import Llama  # noqa: E402
@@ -35,8 +36,12 @@ def chunked(generator: Llama) -> list:
         generator.prefill_chunk_size = 2048
 
 
+TOKENS = [[1, 45, 300, 12, 77, 8, 150, 9, 260, 33], [1, 7, 7, 7, 99, 400, 2, 5, 6, 10]]
+
+
 def requests(generator: Llama) -> dict:
     return {
+        "logits": generator.model.forward(torch.tensor(TOKENS), 0).tolist(),
         "chunked": chunked(generator),
         "completion": generator.text_completion(PROMPTS, temperature=0, max_gen_len=12, logprobs=True),
         "echo": dict(zip(("tokens", "logprobs"), generator.generate(

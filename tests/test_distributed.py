@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import mp_requests
 from llama.reshard import reshard
@@ -29,12 +30,13 @@ def resharded_dir(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mp2_answers(tiny_mp2_dir, tiny_step_mp2_dir, tiny_dir, tiny_step_dir, resharded_dir, tmp_path_factory):
-    """Answers of every rank of one torchrun run over five checkpoints (both formats; 2 shards,
-    1 shard and a resharded copy on 2 processes)."""
+def mp2_answers(tiny_mp2_dir, tiny_step_mp2_dir, tiny_dir, tiny_step_dir, resharded_dir, hf_dir, native_hf_dir,
+                tmp_path_factory):
+    """Answers of every rank of one torchrun run over seven checkpoints (both chat formats; 2 shards,
+    1 shard, a resharded copy, Hugging Face layouts converted and native, on 2 processes)."""
     out = tmp_path_factory.mktemp("mp2")
     ckpts = {"mp2": tiny_mp2_dir, "step_mp2": tiny_step_mp2_dir, "mp1": tiny_dir, "step_mp1": tiny_step_dir,
-             "resharded": resharded_dir}
+             "resharded": resharded_dir, "hf": hf_dir, "native_hf": native_hf_dir}
     run = torchrun(ROOT / "tests" / "mp_requests.py", out, *(f"{k}={v}" for k, v in ckpts.items()))
     assert run.returncode == 0, run.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -83,6 +85,7 @@ CASES = [
     ("mp1", "completion"), ("mp1", "infill"), ("mp1", "chat"), ("step_mp1", "chat70b"),
     ("resharded", "completion"), ("resharded", "infill"),
     ("mp2", "stream"), ("mp2", "infill_stream"), ("step_mp2", "chat70b_stream"), ("mp2", "chunked"),
+    ("hf", "completion"), ("hf", "infill"), ("hf", "chat"),
 ]
 
 
@@ -114,3 +117,12 @@ def test_streams_join_to_the_answers(mp2_answers):
         assert "".join(mp2["stream"]) == mp2["completion"][0]["generation"]
         assert "".join(mp2["infill_stream"]) == mp2["infill"][0]["generation"]
         assert "".join(step["chat70b_stream"]) == step["chat70b"][0]["generation"]["content"]
+
+
+def test_mp2_hf_layout_matches_transformers(mp2_answers, native_hf_dir):
+    """A checkpoint written by transformers, split over 2 processes on load: logits within 1e-4 of
+    LlamaForCausalLM's."""
+    from test_hf import hf_logits
+
+    logits = torch.tensor(mp2_answers[0]["native_hf"]["logits"])
+    torch.testing.assert_close(logits, hf_logits(native_hf_dir), atol=1e-4, rtol=0)

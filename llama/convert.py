@@ -1,0 +1,92 @@
+"""Convert between Meta's checkpoint layout and Hugging Face's.
+
+    python -m llama.convert to-hf SRC_DIR DST_DIR            # Meta -> config.json + model*.safetensors
+    python -m llama.convert to-meta SRC_DIR DST_DIR --mp M   # Hugging Face -> M consolidated.NN.pth
+
+Tensors are converted one at a time from memory-mapped files, with a progress bar; the weights
+keep their dtype. The Hugging Face copy loads with transformers' LlamaForCausalLM.from_pretrained.
+"""
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Dict, List
+
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from llama.checkpoint import model_args, open_checkpoint
+from llama.hf import hf_config, hf_name, meta_to_hf_tensor
+from llama.reshard import reshard
+
+
+def to_hf(src: str, dst: str, shard_bytes: int = 5 * 2**30, show_progress: bool = True) -> Path:
+    """Write the checkpoint in `src` (Meta's layout, any number of shards) in Hugging Face's layout
+    into `dst`: config.json, model-0000i-of-0000N.safetensors with their index, tokenizer.model."""
+    src_dir, dst_dir = Path(src), Path(dst)
+    params, reader = open_checkpoint(src, 0, 1)
+    if dst_dir.exists() and any(dst_dir.glob("*.safetensors")):
+        raise FileExistsError(f"{dst_dir} already holds .safetensors files; pass an empty or new folder")
+    args = model_args(params, reader.vocab_rows(), 16384, 1, str(src_dir))
+    keys = [k for k in reader.keys() if hf_name(k) is not None]  # e.g. rope.freqs has no use there
+    dtype = reader.read(keys[0]).dtype
+    # Plan the files first: their names say how many there are.
+    files: List[List[str]] = [[]]
+    size = total = 0
+    for key in keys:
+        n = math.prod(reader.shape(key)) * dtype.itemsize
+        if files[-1] and size + n > shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(key)
+        size += n
+        total += n
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    weight_map: Dict[str, str] = {}
+    with tqdm(total=len(keys), unit="tensor", desc=f"{reader.describe()} -> Hugging Face",
+              disable=None if show_progress else True) as bar:
+        for i, group in enumerate(files):
+            name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            tensors = {}
+            for key in group:
+                tensors[hf_name(key)] = meta_to_hf_tensor(key, reader.read(key), args).contiguous().clone()
+                weight_map[hf_name(key)] = name
+                bar.update()
+            save_file(tensors, str(dst_dir / name), metadata={"format": "pt"})
+            del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dst_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = hf_config(args)
+    config["torch_dtype"] = str(dtype).replace("torch.", "")
+    (dst_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (src_dir / "tokenizer.model").is_file():
+        shutil.copyfile(src_dir / "tokenizer.model", dst_dir / "tokenizer.model")
+    return dst_dir
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    hf = sub.add_parser("to-hf", help="Meta's layout -> Hugging Face's (config.json, model*.safetensors)")
+    hf.add_argument("src_dir")
+    hf.add_argument("dst_dir")
+    hf.add_argument("--shard_size_gb", type=float, default=5.0, help="largest .safetensors file (default 5)")
+    meta = sub.add_parser("to-meta", help="Hugging Face's layout -> Meta's (consolidated.NN.pth, params.json)")
+    meta.add_argument("src_dir")
+    meta.add_argument("dst_dir")
+    meta.add_argument("--mp", type=int, default=1, help="model-parallel shards to write (default 1)")
+    a = parser.parse_args(argv)
+    try:
+        if a.direction == "to-hf":
+            out = to_hf(a.src_dir, a.dst_dir, shard_bytes=int(a.shard_size_gb * 2**30))
+        else:
+            out = reshard(a.src_dir, a.dst_dir, a.mp)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        parser.error(str(e))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
