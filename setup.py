@@ -18,7 +18,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "transformers"],  # transformers: the reference for the Hugging Face layout
-        "bench": ["transformers"],
+        "server": ["starlette", "uvicorn"],  # python -m llama.server
+        # transformers: the reference for the Hugging Face layout; openai, httpx: the server's clients
+        "test": ["pytest", "transformers", "openai", "httpx", "starlette", "uvicorn"],
+        "bench": ["transformers", "httpx"],
     },
 )

@@ -13,13 +13,13 @@ ranks take the same decisions without talking to each other.
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn.functional as F
 
 from llama.model import KVCache, Transformer
-from llama.sampling import sample
+from llama.sampling import sample, sample_rows
 
 
 @dataclass
@@ -152,22 +152,30 @@ def generate(
     prompts: List[List[int]],
     budgets: List[int],
     stop_ids: Sequence[int],
-    temperature: float,
-    top_p: float,
+    temperature: Union[float, Sequence[float]],
+    top_p: Union[float, Sequence[float]],
     rng: Optional[torch.Generator],
     logprobs: bool = False,
     prompt_logprobs: bool = False,
     sync_every: int = 1,
     prefill_chunk: int = 2048,
     decode: Callable = eager_decode,
+    cancel: Optional[Set[int]] = None,
 ) -> Iterator[List[RowUpdate]]:
     """Continue each prompt by up to budgets[i] tokens, stopping a row at any of `stop_ids`.
+
+    temperature, top_p: one value for all rows, or one per prompt.
+    cancel: prompt indices the caller adds to between updates; those rows finish at the next one
+        with finish_reason "cancelled" (a client that went away, a stop string that was seen).
 
     Yields lists of RowUpdate, every `sync_every` decode steps, until every row has finished
     (a caller may stop iterating earlier). The cache must already have room for
     len(prompts) rows of max(len(prompt) + budget) positions."""
     device = model.output.weight.device
     stop = set(stop_ids)
+    cancel = set() if cancel is None else cancel
+    temps = list(temperature) if isinstance(temperature, Sequence) else [temperature] * len(prompts)
+    top_ps = list(top_p) if isinstance(top_p, Sequence) else [top_p] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # cache row k holds prompt order[k]
     sorted_prompts = [prompts[i] for i in order]
     need = [budgets[i] > 0 for i in order]
@@ -187,10 +195,17 @@ def generate(
     pos_host = [len(prompts[i]) for i in rows]  # where each row's next token goes
     cap = max(len(prompts[i]) + budgets[i] for i in rows) - 1  # last position any row may use
     pos = torch.tensor(pos_host, device=device)
+    # Sampling settings of the active rows: one pair for all, or a tensor of each per row.
+    shared = len({(temps[i], top_ps[i]) for i in rows}) == 1
+    row_temp = torch.tensor([temps[i] for i in rows], device=device, dtype=torch.float)
+    row_top_p = torch.tensor([top_ps[i] for i in rows], device=device, dtype=torch.float)
     pending, pending_lp = [], []
     updates = {u.row: u for u in first}
     while True:
-        token = sample(logits, temperature, top_p, rng)
+        if shared:
+            token = sample(logits, temps[rows[0]], top_ps[rows[0]], rng)
+        else:
+            token = sample_rows(logits, row_temp, row_top_p, rng)
         pending.append(token)
         if logprobs:
             pending_lp.append(torch.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0])
@@ -201,7 +216,11 @@ def generate(
             keep = []
             for a, row in enumerate(rows):
                 u = updates.get(row) or RowUpdate(row, [], [])
+                if row in cancel:
+                    u.finish_reason = "cancelled"
                 for t, lp in zip(new[a], new_lp[a] or [None] * len(new[a])):
+                    if u.finish_reason:
+                        break
                     if t in stop:
                         u.finish_reason = "stop"
                         break
@@ -222,7 +241,7 @@ def generate(
             if len(keep) < len(rows):  # finished rows stop costing work
                 model.cache.keep_rows(keep)
                 index = torch.tensor(keep, device=device)
-                token, pos = token[index], pos[index]
+                token, pos, row_temp, row_top_p = token[index], pos[index], row_temp[index], row_top_p[index]
                 rows, left, pos_host = [rows[a] for a in keep], [left[a] for a in keep], [pos_host[a] for a in keep]
         logits = decode(model, token, pos, pos_host)
         # Between syncs a finished row may run past its budget: it keeps rewriting its last position.

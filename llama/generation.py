@@ -419,16 +419,19 @@ class Llama:
     def _run(
         self,
         prompts: List[List[int]],
-        max_gen_len: int,
-        temperature: float,
-        top_p: float,
+        max_gen_len: Union[int, Sequence[int]],
+        temperature: Union[float, Sequence[float]],
+        top_p: Union[float, Sequence[float]],
         logprobs: bool,
         prompt_logprobs: bool,
         stop_ids: Sequence[int],
         sync_every: int,
+        cancel: Optional[set] = None,
     ) -> Iterator[List[RowUpdate]]:
-        """The engine's updates for one batch of at most max_batch_size checked prompts."""
-        budgets = [min(max_gen_len, self.model.params.max_seq_len - len(p)) for p in prompts]
+        """The engine's updates for one batch of at most max_batch_size checked prompts.
+        max_gen_len, temperature, top_p: one for all, or one per prompt."""
+        limits = max_gen_len if isinstance(max_gen_len, Sequence) else [max_gen_len] * len(prompts)
+        budgets = [min(n, self.model.params.max_seq_len - len(p)) for n, p in zip(limits, prompts)]
         seq_len = max(len(p) + b for p, b in zip(prompts, budgets))
         longest, trained = max(len(p) for p in prompts), trained_context(self.model.params.rope_theta)
         if longest > trained:
@@ -443,5 +446,5 @@ class Llama:
         return engine.generate(
             self.model, prompts, budgets, stop_ids, temperature, top_p, self.rng,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, sync_every=sync_every, decode=self.decode,
-            prefill_chunk=self.prefill_chunk_size,
+            prefill_chunk=self.prefill_chunk_size, cancel=cancel,
         )

@@ -44,3 +44,15 @@ def sample(
     if top_p >= 1:
         return _race(probs, generator)[:, 0]
     return sample_top_p(probs, top_p, generator)[:, 0]
+
+
+def sample_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Like `sample`, with a temperature and top_p per row ((B,) tensors; temperature 0 is greedy)."""
+    greedy = torch.argmax(logits, dim=-1)
+    probs = torch.softmax(logits.float() / temperature.clamp(min=1e-6)[:, None], dim=-1)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sort[torch.cumsum(probs_sort, dim=-1) - probs_sort > top_p[:, None]] = 0.0
+    sampled = torch.gather(probs_idx, -1, _race(probs_sort, generator))[:, 0]
+    return torch.where(temperature == 0, greedy, sampled)
