@@ -57,9 +57,10 @@ def _token_logprobs(model: Transformer, h: torch.Tensor, targets: torch.Tensor, 
 
 
 def _prefill(
-    model: Transformer, prompts: List[List[int]], need_logits: List[bool], prompt_logprobs: bool, chunk: int
+    model: Transformer, prompts: List[List[int]], need_logits: List[bool], prompt_logprobs: bool, chunk: int,
+    row0: int = 0,
 ):
-    """Run the sorted prompts through the model, writing cache rows 0..n-1.
+    """Run the prompts, sorted by length, through the model, writing cache rows row0..row0+n-1.
 
     Returns (logits (n, V) of each prompt's last token, or None where not needed;
     per-prompt log-probabilities of tokens 1.. when asked)."""
@@ -76,7 +77,7 @@ def _prefill(
             tokens[j, : lengths[k]] = torch.tensor(prompts[k], dtype=torch.long, device=device)
         # Padding only ever follows a row's prompt, so causal attention keeps it out of the prompt.
         for s in range(0, width, chunk):
-            h = model.hidden(tokens[:, s : s + chunk], s, rows=slice(group.start, group.stop))
+            h = model.hidden(tokens[:, s : s + chunk], s, rows=slice(row0 + group.start, row0 + group.stop))
             for j, k in enumerate(group):
                 if s <= lengths[k] - 1 < s + chunk:
                     last_h[k] = h[j, lengths[k] - 1 - s]
@@ -147,6 +148,130 @@ class CompiledDecode:
             return eager_decode(model, token[:n], pos[:n], pos_host)
 
 
+class Batch:
+    """Rows being generated, one KV-cache row each (rows 0..len-1, in order). Rows join between
+    steps (their prompts are prefilled then) and leave when they finish or are dropped.
+
+    A step samples every row's next token; on a sync step the host reads the tokens made since the
+    last sync, ends rows at a stop token or at their budget, and drops them; then the remaining
+    rows' tokens go through the model. Rows that finish between syncs keep running until the next
+    one (their extra tokens are discarded)."""
+
+    def __init__(self, model: Transformer, stop_ids: Sequence[int], rng: Optional[torch.Generator],
+                 logprobs: bool = False, prefill_chunk: int = 2048, decode: Callable = eager_decode):
+        self.model, self.stop, self.rng, self.logprobs = model, set(stop_ids), rng, logprobs
+        self.prefill_chunk, self.decode = prefill_chunk, decode
+        self.device = model.output.weight.device
+        # Per active row, in cache-row order:
+        self.keys: List[int] = []  # the caller's id of the row
+        self.left: List[int] = []  # tokens it may still make
+        self.pos_host: List[int] = []  # where its next token goes
+        self.cap: List[int] = []  # the last position it may use
+        self.temps: List[float] = []
+        self.top_ps: List[float] = []
+        self.logits = self.pos = self.row_cap = self.row_temp = self.row_top_p = None  # device, one row per row
+        self.pending: List[torch.Tensor] = []  # tokens sampled since the last sync, (A,) each
+        self.pending_lp: List[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, keys: List[int], prompts: List[List[int]], budgets: List[int], temperature: List[float],
+            top_p: List[float], prompt_logprobs: bool = False) -> List[RowUpdate]:
+        """Prefill new rows (after a sync: no tokens may be pending). The cache must have room for
+        len(self) + len(prompts) rows of each row's prompt + budget positions. Returns an update for
+        each new row: its prompt log-probabilities when asked, and "length" for a zero budget."""
+        assert not self.pending, "rows join only right after a sync"
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        need = [budgets[i] > 0 for i in order]
+        row0 = len(self.keys)
+        wanted, logits, lps = _prefill(self.model, [prompts[i] for i in order], need, prompt_logprobs,
+                                       self.prefill_chunk, row0)
+        updates = [RowUpdate(keys[order[k]], [], [], None if need[k] else "length", lps[k] if prompt_logprobs else None)
+                   for k in range(len(order))]
+        if not wanted:
+            return updates
+        self.model.cache.keep_rows(list(range(row0)) + [row0 + k for k in wanted])
+        rows = [order[k] for k in wanted]
+        self.keys += [keys[i] for i in rows]
+        self.left += [budgets[i] for i in rows]
+        self.pos_host += [len(prompts[i]) for i in rows]
+        self.cap += [len(prompts[i]) + budgets[i] - 1 for i in rows]
+        self.temps += [temperature[i] for i in rows]
+        self.top_ps += [top_p[i] for i in rows]
+
+        def grown(old, new):
+            return new if old is None else torch.cat([old, new])
+
+        self.logits = grown(self.logits, logits)
+        self.pos = grown(self.pos, torch.tensor([len(prompts[i]) for i in rows], device=self.device))
+        self.row_cap = grown(self.row_cap, torch.tensor([self.cap[-len(rows):]], device=self.device)[0])
+        self.row_temp = grown(self.row_temp, torch.tensor([temperature[i] for i in rows], device=self.device))
+        self.row_top_p = grown(self.row_top_p, torch.tensor([top_p[i] for i in rows], device=self.device))
+        return updates
+
+    def drop(self, keys) -> None:
+        """Remove rows (by key) right after a sync; the others move up in the cache."""
+        keep = [a for a, k in enumerate(self.keys) if k not in keys]
+        if len(keep) == len(self.keys):
+            return
+        if keep:
+            self.model.cache.keep_rows(keep)
+        index = torch.tensor(keep, device=self.device, dtype=torch.long)
+        self.logits, self.pos, self.row_cap = self.logits[index], self.pos[index], self.row_cap[index]
+        self.row_temp, self.row_top_p = self.row_temp[index], self.row_top_p[index]
+        for name in ("keys", "left", "pos_host", "cap", "temps", "top_ps"):
+            values = getattr(self, name)
+            setattr(self, name, [values[a] for a in keep])
+
+    def step(self, sync: bool) -> List[RowUpdate]:
+        """Sample every row's next token; on a sync, the updates of every row (finished rows are
+        dropped); then feed the tokens of the rows still running."""
+        if len({(t, p) for t, p in zip(self.temps, self.top_ps)}) == 1:
+            token = sample(self.logits, self.temps[0], self.top_ps[0], self.rng)
+        else:
+            token = sample_rows(self.logits, self.row_temp, self.row_top_p, self.rng)
+        self.pending.append(token)
+        if self.logprobs:
+            self.pending_lp.append(torch.log_softmax(self.logits, dim=-1).gather(1, token[:, None])[:, 0])
+        updates = []
+        if sync or len(self.pending) >= max(self.left):
+            updates, kept = self._sync()
+            token = token[kept]
+        if self.keys:
+            self.logits = self.decode(self.model, token, self.pos, self.pos_host)
+            # A row past its end (not yet seen by a sync) keeps rewriting its last position.
+            self.pos_host = [min(p + 1, c) for p, c in zip(self.pos_host, self.cap)]
+            self.pos = torch.minimum(self.pos + 1, self.row_cap)
+        return updates
+
+    def _sync(self):
+        """(an update per row, the positions of the rows still running); drops the finished rows."""
+        new = torch.stack(self.pending, 1).tolist()
+        new_lp = torch.stack(self.pending_lp, 1).tolist() if self.logprobs else [[] for _ in self.keys]
+        self.pending, self.pending_lp = [], []
+        updates, done = [], set()
+        for a, key in enumerate(self.keys):
+            u = RowUpdate(key, [], [])
+            for t, lp in zip(new[a], new_lp[a] or [None] * len(new[a])):
+                if t in self.stop:
+                    u.finish_reason = "stop"
+                    break
+                u.tokens.append(t)
+                if self.logprobs:
+                    u.logprobs.append(lp)
+                self.left[a] -= 1
+                if self.left[a] == 0:
+                    u.finish_reason = "length"
+                    break
+            updates.append(u)
+            if u.finish_reason:
+                done.add(key)
+        kept = torch.tensor([a for a, k in enumerate(self.keys) if k not in done], device=self.device, dtype=torch.long)
+        self.drop(done)
+        return updates, kept
+
+
 def generate(
     model: Transformer,
     prompts: List[List[int]],
@@ -171,79 +296,27 @@ def generate(
     Yields lists of RowUpdate, every `sync_every` decode steps, until every row has finished
     (a caller may stop iterating earlier). The cache must already have room for
     len(prompts) rows of max(len(prompt) + budget) positions."""
-    device = model.output.weight.device
-    stop = set(stop_ids)
+    n = len(prompts)
+    temps = list(temperature) if isinstance(temperature, Sequence) else [temperature] * n
+    top_ps = list(top_p) if isinstance(top_p, Sequence) else [top_p] * n
+    batch = Batch(model, stop_ids, rng, logprobs, prefill_chunk, decode)
+    first = {u.row: u for u in batch.add(list(range(n)), prompts, budgets, temps, top_ps, prompt_logprobs)}
     cancel = set() if cancel is None else cancel
-    temps = list(temperature) if isinstance(temperature, Sequence) else [temperature] * len(prompts)
-    top_ps = list(top_p) if isinstance(top_p, Sequence) else [top_p] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # cache row k holds prompt order[k]
-    sorted_prompts = [prompts[i] for i in order]
-    need = [budgets[i] > 0 for i in order]
-    wanted, logits, plps = _prefill(model, sorted_prompts, need, prompt_logprobs, prefill_chunk)
-
-    first = [
-        RowUpdate(order[k], [], [], None if need[k] else "length", plps[k] if prompt_logprobs else None)
-        for k in range(len(order))
-    ]
-    if not wanted:
-        yield first
-        return
-    # Decode state of the active rows, which occupy cache rows 0..A-1.
-    model.cache.keep_rows(wanted)
-    rows = [order[k] for k in wanted]  # the prompt index of each active row
-    left = [budgets[i] for i in rows]  # tokens each may still make
-    pos_host = [len(prompts[i]) for i in rows]  # where each row's next token goes
-    cap = max(len(prompts[i]) + budgets[i] for i in rows) - 1  # last position any row may use
-    pos = torch.tensor(pos_host, device=device)
-    # Sampling settings of the active rows: one pair for all, or a tensor of each per row.
-    shared = len({(temps[i], top_ps[i]) for i in rows}) == 1
-    row_temp = torch.tensor([temps[i] for i in rows], device=device, dtype=torch.float)
-    row_top_p = torch.tensor([top_ps[i] for i in rows], device=device, dtype=torch.float)
-    pending, pending_lp = [], []
-    updates = {u.row: u for u in first}
-    while True:
-        if shared:
-            token = sample(logits, temps[rows[0]], top_ps[rows[0]], rng)
-        else:
-            token = sample_rows(logits, row_temp, row_top_p, rng)
-        pending.append(token)
-        if logprobs:
-            pending_lp.append(torch.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0])
-        if len(pending) == sync_every or len(pending) == max(left):
-            new = torch.stack(pending, 1).tolist()
-            new_lp = torch.stack(pending_lp, 1).tolist() if logprobs else [[] for _ in rows]
-            pending, pending_lp = [], []
-            keep = []
-            for a, row in enumerate(rows):
-                u = updates.get(row) or RowUpdate(row, [], [])
-                if row in cancel:
-                    u.finish_reason = "cancelled"
-                for t, lp in zip(new[a], new_lp[a] or [None] * len(new[a])):
-                    if u.finish_reason:
-                        break
-                    if t in stop:
-                        u.finish_reason = "stop"
-                        break
-                    u.tokens.append(t)
-                    if logprobs:
-                        u.logprobs.append(lp)
-                    left[a] -= 1
-                    if left[a] == 0:
-                        u.finish_reason = "length"
-                        break
-                updates[row] = u
-                if u.finish_reason is None:
-                    keep.append(a)
-            yield list(updates.values())
-            updates = {}
-            if not keep:
-                return
-            if len(keep) < len(rows):  # finished rows stop costing work
-                model.cache.keep_rows(keep)
-                index = torch.tensor(keep, device=device)
-                token, pos, row_temp, row_top_p = token[index], pos[index], row_temp[index], row_top_p[index]
-                rows, left, pos_host = [rows[a] for a in keep], [left[a] for a in keep], [pos_host[a] for a in keep]
-        logits = decode(model, token, pos, pos_host)
-        # Between syncs a finished row may run past its budget: it keeps rewriting its last position.
-        pos_host = [min(p + 1, cap) for p in pos_host]
-        pos = (pos + 1).clamp_(max=cap)
+    steps = 0
+    while batch:
+        steps += 1
+        updates = batch.step(sync=steps % sync_every == 0)
+        if not updates:
+            continue
+        for u in updates:  # the first update of each row carries what add() said about it
+            if u.row in first:
+                f = first.pop(u.row)
+                u.prompt_logprobs = f.prompt_logprobs
+        yield updates + list(first.values())
+        first = {}
+        gone = {k for k in batch.keys if k in cancel}
+        if gone:
+            batch.drop(gone)
+            yield [RowUpdate(k, [], [], "cancelled") for k in sorted(gone)]
+    if first:
+        yield list(first.values())

@@ -430,21 +430,35 @@ class Llama:
     ) -> Iterator[List[RowUpdate]]:
         """The engine's updates for one batch of at most max_batch_size checked prompts.
         max_gen_len, temperature, top_p: one for all, or one per prompt."""
+        budgets = self._budgets(prompts, max_gen_len)
+        self._reserve(prompts, budgets, len(prompts))
+        return engine.generate(
+            self.model, prompts, budgets, stop_ids, temperature, top_p, self.rng,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, sync_every=sync_every, decode=self.decode,
+            prefill_chunk=self.prefill_chunk_size, cancel=cancel,
+        )
+
+    def _budgets(self, prompts: List[List[int]], max_gen_len: Union[int, Sequence[int]]) -> List[int]:
+        """New tokens each prompt may get: max_gen_len, and what max_seq_len leaves."""
         limits = max_gen_len if isinstance(max_gen_len, Sequence) else [max_gen_len] * len(prompts)
-        budgets = [min(n, self.model.params.max_seq_len - len(p)) for n, p in zip(limits, prompts)]
-        seq_len = max(len(p) + b for p, b in zip(prompts, budgets))
+        return [min(n, self.model.params.max_seq_len - len(p)) for n, p in zip(limits, prompts)]
+
+    def _reserve(self, prompts: List[List[int]], budgets: List[int], rows: int, rows_may_join: bool = False) -> None:
+        """Make the KV cache ready for `rows` rows, the longest of which is a prompt + its budget
+        (contents kept: rows already running stay). rows_may_join: more rows will join this
+        batch later (a compiled decode step then takes the largest bucket from the start)."""
         longest, trained = max(len(p) for p in prompts), trained_context(self.model.params.rope_theta)
         if longest > trained:
             warnings.warn(
                 f"a prompt of {longest} tokens is longer than the {trained} this model was trained on "
                 f"(rope_theta={self.model.params.rope_theta:g}); quality may degrade"
             )
+        seq_len = max(len(p) + b for p, b in zip(prompts, budgets))
         if isinstance(self.decode, engine.CompiledDecode):
-            self.decode.use_cache(len(prompts), seq_len)
+            self.decode.use_cache(self.model.params.max_batch_size if rows_may_join else rows, seq_len)
         else:
-            self.model.reserve_cache(len(prompts), seq_len)
-        return engine.generate(
-            self.model, prompts, budgets, stop_ids, temperature, top_p, self.rng,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, sync_every=sync_every, decode=self.decode,
-            prefill_chunk=self.prefill_chunk_size, cancel=cancel,
-        )
+            self.model.reserve_cache(rows, seq_len)
+
+    def _batch(self, stop_ids: Sequence[int], logprobs: bool) -> engine.Batch:
+        """An empty engine batch that rows can join (the server's)."""
+        return engine.Batch(self.model, stop_ids, self.rng, logprobs, self.prefill_chunk_size, self.decode)

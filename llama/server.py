@@ -141,9 +141,9 @@ def create_app(state: State):
         s = state.scheduler
         if s is None:
             return JSONResponse({"status": "loading"})
-        return JSONResponse({"requests": s.stats.requests, "batches": s.stats.batches,
-                             "largest_batch": s.stats.largest_batch, "batch_sizes": s.stats.batch_sizes[-100:],
-                             "cancelled": s.stats.cancelled, "queued": s.queue.qsize(), "running": s.running})
+        return JSONResponse({"requests": s.stats.requests, "largest_batch": s.stats.largest_batch,
+                             "steps_by_batch_size": s.stats.steps_by_rows, "cancelled": s.stats.cancelled,
+                             "queued": s.queue.qsize(), "running": s.running})
 
     async def http_error(request, exc: HTTPException):
         return error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",

@@ -1,10 +1,10 @@
-"""Serving jobs in batches on every model-parallel rank.
+"""Serving jobs on every model-parallel rank, with continuous batching.
 
 Rank 0 owns the queue of jobs (filled by the HTTP server) and decides; every other rank follows.
-In each round rank 0 takes the jobs waiting (up to max_batch_size) and broadcasts them; all ranks
-run the same batch through the engine in lockstep. After every decode step rank 0 turns the new
-tokens into text for each job, checks stop strings and clients that went away, and broadcasts the
-rows to cancel, so that all ranks drop the same rows at the same step.
+Before every decode step rank 0 broadcasts which rows leave (answers complete by a stop string,
+clients that went away) and which waiting jobs join (up to max_batch_size rows); all ranks apply
+that to the same engine batch and take the step in lockstep. After the step rank 0 turns each
+job's new tokens into text and hands it to the HTTP side.
 """
 
 import asyncio
@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional, Set
 
 import torch.distributed as dist
 
@@ -63,19 +63,23 @@ class _Text:
 @dataclass
 class Stats:
     requests: int = 0
-    batches: int = 0
-    largest_batch: int = 0
-    batch_sizes: List[int] = field(default_factory=list)
+    steps_by_rows: Dict[int, int] = field(default_factory=dict)  # decode steps run with that many rows
     cancelled: int = 0
+
+    @property
+    def largest_batch(self) -> int:
+        return max(self.steps_by_rows, default=0)
 
 
 class Scheduler:
-    def __init__(self, generator: Llama, max_queue: int = 64, gather_seconds: float = 0.01):
+    """Continuous batching: a request joins the running batch at the next step (if there is a free
+    row) and leaves it when its answer is complete."""
+
+    def __init__(self, generator: Llama, max_queue: int = 64):
         self.generator = generator
         self.tokenizer = generator.tokenizer
         self.max_batch_size = generator.model.params.max_batch_size
         self.queue: "queue.Queue[Handle]" = queue.Queue(maxsize=max_queue)
-        self.gather_seconds = gather_seconds
         self.stopping = threading.Event()
         self.stats = Stats()
         self.running = 0
@@ -85,15 +89,17 @@ class Scheduler:
         self.group = dist.new_group(backend="gloo") if self.world > 1 else None
         stop = {self.tokenizer.eos_id, self.tokenizer.eot_id, self.tokenizer.step_id}
         self.stop_ids = sorted(t for t in stop if t is not None)
+        self.texts: Dict[int, _Text] = {}  # rank 0: the running jobs, by row key
+        self.leaving: Set[int] = set()  # rank 0: rows whose answer is over but that still run
+        self.next_key = 0
 
     # The HTTP side (rank 0) ---------------------------------------------------------------------
 
     def submit(self, job: Job, loop: Optional[asyncio.AbstractEventLoop] = None) -> Handle:
         handle = Handle(job, loop, asyncio.Queue())
         if job.fixed_answer is not None:  # nothing for the model to do
-            text = job.fixed_answer
-            handle.send(("text", job.echo_text + text))
-            handle.send(("done", Result(text, "stop", len(job.prompt_tokens), 0)))
+            handle.send(("text", job.echo_text + job.fixed_answer))
+            handle.send(("done", Result(job.fixed_answer, "stop", len(job.prompt_tokens), 0)))
             return handle
         try:
             self.queue.put_nowait(handle)
@@ -108,35 +114,77 @@ class Scheduler:
     # Every rank ----------------------------------------------------------------------------------
 
     def loop(self) -> None:
-        """Serve rounds until rank 0 says stop (every rank runs this)."""
+        """Serve until rank 0 says stop (every rank runs this). Each round: rank 0 decides which rows
+        leave and which jobs join, every rank applies that, and the batch takes one decode step."""
+        batch = self.generator._batch(self.stop_ids, logprobs=True)
         while True:
-            handles = message = None
-            if self.rank == 0:
-                handles = self._take()
-                message = STOP if handles == STOP else [h.job for h in handles]
-            jobs = self._broadcast(message)
-            if jobs == STOP:
+            message = self._plan(batch) if self.rank == 0 else None
+            message = self._broadcast(message)
+            if message == STOP:
                 return
-            if jobs:
-                self._run(jobs, handles)
-
-    def _take(self):
-        """Rank 0: the next batch of waiting jobs, [] when idle for a while, or STOP."""
-        deadline = time.monotonic() + 1.0
-        while not self.stopping.is_set() and time.monotonic() < deadline:
+            leave, join = message
             try:
-                first = self.queue.get(timeout=0.05)
+                batch.drop(set(leave))
+                if join:
+                    self._join(batch, join)
+                self.running = len(batch)
+                if batch:
+                    self.stats.steps_by_rows[len(batch)] = self.stats.steps_by_rows.get(len(batch), 0) + 1
+                    updates = batch.step(sync=True)
+                    if self.rank == 0:
+                        for u in updates:
+                            self._on_update(u)
+            except Exception as e:  # a failure on every rank (out of memory, say): its clients get an error
+                print(f"llama.server: {type(e).__name__}: {e}", file=sys.stderr)
+                batch.drop(set(batch.keys))
+                if self.rank == 0:
+                    for key in list(self.texts):
+                        self._end(key, ("error", f"{type(e).__name__}: {e}"))
+
+    def _plan(self, batch):
+        """Rank 0: (rows to drop, jobs to add as (key, job)), or STOP."""
+        if self.stopping.is_set():
+            for key in list(self.texts):
+                self._end(key, ("error", "the server is shutting down"))
+            return STOP
+        for key, t in self.texts.items():
+            if t.handle.cancelled and key not in self.leaving:
+                self.stats.cancelled += 1
+                self.leaving.add(key)
+        leave = sorted(self.leaving & set(batch.keys))
+        for key in self.leaving:
+            self.texts.pop(key, None)
+        self.leaving = set()
+        free = self.max_batch_size - (len(batch) - len(leave))
+        join = []
+        wait = 0.0 if batch else 1.0  # idle: block for a while (then a heartbeat round)
+        while len(join) < free:
+            try:
+                handle = self.queue.get(timeout=wait) if wait else self.queue.get_nowait()
             except queue.Empty:
+                break
+            wait = 0.005 if not batch and not join else 0.0  # requests sent together arrive together
+            if handle.cancelled:
                 continue
-            batch = [first]
-            gather_until = time.monotonic() + self.gather_seconds  # let requests sent together arrive
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(self.queue.get(timeout=max(0.0, gather_until - time.monotonic())))
-                except queue.Empty:
-                    break
-            return [h for h in batch if not h.cancelled] or []
-        return STOP if self.stopping.is_set() else []
+            key, self.next_key = self.next_key, self.next_key + 1
+            decode = self.tokenizer.decode_infilling if handle.job.infill else self.tokenizer.decode
+            self.texts[key] = _Text(handle, StreamDecoder(decode))
+            if handle.job.echo_text:
+                handle.send(("text", handle.job.echo_text))
+            join.append((key, handle.job))
+        return leave, join
+
+    def _join(self, batch, join) -> None:
+        g = self.generator
+        prompts = [job.prompt_tokens for _, job in join]
+        budgets = g._budgets(prompts, [job.max_tokens for _, job in join])
+        g._reserve(prompts, budgets, len(batch) + len(join), rows_may_join=True)
+        updates = batch.add([key for key, _ in join], prompts, budgets, [job.temperature for _, job in join],
+                            [job.top_p for _, job in join])
+        if self.rank == 0:
+            for u in updates:
+                if u.finish_reason:  # nothing to generate (max_tokens 0)
+                    self._on_update(u)
 
     def _broadcast(self, obj):
         if self.world == 1:
@@ -145,52 +193,17 @@ class Scheduler:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
-    def _run(self, jobs: List[Job], handles: Optional[List[Handle]]) -> None:
-        self.running = len(jobs)
-        if self.rank == 0:
-            self.stats.batches += 1
-            self.stats.batch_sizes.append(len(jobs))
-            self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
-            texts = []
-            for h in handles:
-                decode = self.tokenizer.decode_infilling if h.job.infill else self.tokenizer.decode
-                texts.append(_Text(h, StreamDecoder(decode)))
-                if h.job.echo_text:
-                    h.send(("text", h.job.echo_text))
-        cancel = set()  # rows every rank drops at the next step
-        over = [False] * len(jobs)  # rank 0: jobs whose answer is complete (or whose client left)
-        try:
-            for updates in self.generator._run(
-                [j.prompt_tokens for j in jobs], [j.max_tokens for j in jobs], [j.temperature for j in jobs],
-                [j.top_p for j in jobs], any(j.logprobs for j in jobs), False, self.stop_ids, 1, cancel=cancel,
-            ):
-                new_cancels = []
-                if self.rank == 0:
-                    for u in updates:
-                        if over[u.row]:
-                            continue
-                        h = texts[u.row].handle
-                        if h.cancelled or self.stopping.is_set():
-                            self.stats.cancelled += 1
-                            h.send(("error", "the server is shutting down" if self.stopping.is_set() else "cancelled"))
-                            over[u.row] = True
-                        else:
-                            over[u.row] = self._on_update(texts[u.row], u)
-                        if over[u.row] and u.finish_reason is None:
-                            new_cancels.append(u.row)
-                cancel.update(self._broadcast(new_cancels))
-        except Exception as e:  # a failure on every rank (out of memory, say): this batch's clients get an error
-            print(f"llama.server: a batch failed: {type(e).__name__}: {e}", file=sys.stderr)
-            if self.rank == 0:
-                for t, done in zip(texts, over):
-                    if not done:
-                        t.handle.send(("error", f"{type(e).__name__}: {e}"))
-        finally:
-            self.running = 0
+    def _end(self, key: int, event) -> None:
+        t = self.texts.pop(key, None)
+        if t is not None:
+            t.handle.send(event)
 
-    def _on_update(self, t: _Text, u) -> bool:
-        """Rank 0: new tokens of one job. Hands out the text that can no longer change and returns
-        True once the answer is complete (its row may still be running: the caller cancels it)."""
+    def _on_update(self, u) -> None:
+        """Rank 0: new tokens of one job. Hands out the text that can no longer change; once the
+        answer is complete, sends the result and, if the row still runs, marks it to leave."""
+        t = self.texts.get(u.row)
+        if t is None or u.row in self.leaving:
+            return
         job = t.handle.job
         for token, lp in zip(u.tokens, u.logprobs or [None] * len(u.tokens)):
             t.offsets.append(len(t.text))
@@ -212,12 +225,14 @@ class Scheduler:
         if ready > t.sent:
             t.handle.send(("text", t.text[t.sent : ready]))
             t.sent = ready
-        if done:
-            kept = [i for i, o in enumerate(t.offsets) if o < len(t.text)] if job.logprobs else []
-            stop_type = "word" if cut >= 0 else ("eos" if u.finish_reason == "stop" else "limit")
-            t.handle.send(("done", Result(
-                t.text, "length" if stop_type == "limit" else "stop", len(job.prompt_tokens), t.tokens,
-                stop_type, t.stop_word, [t.pieces[i] for i in kept], [t.logprobs[i] for i in kept],
-                [t.offsets[i] for i in kept],
-            )))
-        return done
+        if not done:
+            return
+        kept = [i for i, o in enumerate(t.offsets) if o < len(t.text)] if job.logprobs else []
+        stop_type = "word" if cut >= 0 else ("eos" if u.finish_reason == "stop" else "limit")
+        self._end(u.row, ("done", Result(
+            t.text, "length" if stop_type == "limit" else "stop", len(job.prompt_tokens), t.tokens,
+            stop_type, t.stop_word, [t.pieces[i] for i in kept], [t.logprobs[i] for i in kept],
+            [t.offsets[i] for i in kept],
+        )))
+        if u.finish_reason is None:
+            self.leaving.add(u.row)
