@@ -1,11 +1,11 @@
-"""The generation loop: prefill a batch of prompts, then decode one token per unfinished row per step.
+"""The generation loop: prefill prompts, then decode one token per unfinished row per step.
 
 - Prefill: prompts are sorted by length and grouped so that padding a group to its longest prompt
   wastes little; each group goes through the model in one pass (in chunks for long prompts) and
   only the logits that are needed are computed.
 - Decode: rows advance at their own positions; the host looks at the new tokens only every
   `sync_every` steps (to stop rows, and to hand tokens to a stream), and rows that have finished
-  are dropped from the batch then.
+  are dropped from the batch then. New rows can join a running `Batch` between steps.
 
 Every model-parallel rank runs this loop on the same inputs and draws the same tokens, so all
 ranks take the same decisions without talking to each other.
@@ -26,7 +26,7 @@ from llama.sampling import sample, sample_rows
 class RowUpdate:
     """New output of one prompt of the batch."""
 
-    row: int  # index of the prompt in the batch
+    row: int  # which row: the prompt's index in generate(), the caller's key in a Batch
     tokens: List[int]  # tokens made since its last update (a stop token is not included)
     logprobs: List[float]  # their log-probabilities (empty unless asked for)
     finish_reason: Optional[str] = None  # "stop" (a stop token) or "length" (its budget) once done
@@ -62,7 +62,7 @@ def _prefill(
 ):
     """Run the prompts, sorted by length, through the model, writing cache rows row0..row0+n-1.
 
-    Returns (logits (n, V) of each prompt's last token, or None where not needed;
+    Returns (the indices k with need_logits[k], the logits (len, V) of their last prompt token,
     per-prompt log-probabilities of tokens 1.. when asked)."""
     device = model.output.weight.device
     lengths = [len(p) for p in prompts]

@@ -313,14 +313,14 @@ class Llama:
     def _stream(self, tokens, max_gen_len, temperature, top_p, stop_ids, decode) -> Iterator[str]:
         max_gen_len = self._check_request([tokens], max_gen_len, temperature, top_p)  # raise now, not on first next()
 
+        @torch.inference_mode()  # entered only while the generator runs, not between its yields
         def deltas():
             decoder = StreamDecoder(decode)
-            with torch.inference_mode():
-                for updates in self._run([tokens], max_gen_len, temperature, top_p, False, False, stop_ids, 1):
-                    for t in updates[0].tokens:
-                        text = decoder.push(t)
-                        if text:
-                            yield text
+            for updates in self._run([tokens], max_gen_len, temperature, top_p, False, False, stop_ids, 1):
+                for t in updates[0].tokens:
+                    text = decoder.push(t)
+                    if text:
+                        yield text
             tail = decoder.flush()
             if tail:
                 yield tail

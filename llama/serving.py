@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
+import torch
 import torch.distributed as dist
 
 from llama.generation import Llama
@@ -113,6 +114,7 @@ class Scheduler:
 
     # Every rank ----------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def loop(self) -> None:
         """Serve until rank 0 says stop (every rank runs this). Each round: rank 0 decides which rows
         leave and which jobs join, every rank applies that, and the batch takes one decode step."""

@@ -105,3 +105,13 @@ def test_decoder_on_random_token_sequences(generator):
         for decode in (tok.decode, tok.decode_infilling):
             decoder = StreamDecoder(decode)
             assert "".join(decoder.push(i) for i in ids) + decoder.flush() == decode(ids)
+
+
+def test_inference_mode_does_not_leak_between_pieces(generator):
+    """The caller's code between two pieces runs outside torch.inference_mode."""
+    import torch
+
+    stream = generator.text_completion_stream("import os", temperature=0, max_gen_len=5)
+    next(stream)
+    assert not torch.is_inference_mode_enabled()
+    list(stream)
