@@ -66,8 +66,6 @@ class Generation:
 
     tokens: List[int]  # generated ids (prompt + generated with echo), without the stop token
     logprobs: Optional[List[float]]  # log-probability of each of `tokens` (0.0 for the first prompt token)
-    finish_reason: str  # "stop": a stop token ended it; "length": max_gen_len or max_seq_len did
-    prompt_len: int
 
 
 _DTYPES = {
@@ -396,7 +394,6 @@ class Llama:
         tokens = [[] for _ in prompts]
         lps = [[] for _ in prompts]
         prompt_lps = [[] for _ in prompts]
-        finish = ["length" for _ in prompts]
         # On a GPU, looking at the tokens every step would stall the queue of kernels.
         sync_every = 8 if self.device.type == "cuda" else 1
         for updates in self._run(prompts, max_gen_len, temperature, top_p, logprobs, echo and logprobs, stop_ids, sync_every):
@@ -405,15 +402,13 @@ class Llama:
                 lps[u.row] += u.logprobs
                 if u.prompt_logprobs is not None:
                     prompt_lps[u.row] = u.prompt_logprobs
-                if u.finish_reason:
-                    finish[u.row] = u.finish_reason
         out = []
         for i, prompt in enumerate(prompts):
             toks, lp = tokens[i], lps[i]
             if echo:
                 toks = prompt + toks
                 lp = [0.0] + prompt_lps[i] + lp
-            out.append(Generation(toks, lp if logprobs else None, finish[i], len(prompt)))
+            out.append(Generation(toks, lp if logprobs else None))
         return out
 
     def _run(

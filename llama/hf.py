@@ -71,14 +71,6 @@ def meta_to_hf_tensor(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch
     return tensor
 
 
-def hf_to_meta_tensor(meta_key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    if meta_key.endswith("attention.wq.weight"):
-        return to_interleaved(tensor, args.n_heads)
-    if meta_key.endswith("attention.wk.weight"):
-        return to_interleaved(tensor, args.n_kv_heads)
-    return tensor
-
-
 def hf_config(args: ModelArgs, max_position_embeddings: int = 16384) -> dict:
     """config.json for transformers' LlamaForCausalLM with these hyper-parameters."""
     return {
