@@ -70,9 +70,7 @@ def model_args(params: dict, vocab_size: int, max_seq_len: int, max_batch_size: 
 
 
 def shard_paths(ckpt_dir: Path) -> List[Path]:
-    if not ckpt_dir.is_dir():
-        hint = " (it is a file; pass the folder that holds it)" if ckpt_dir.exists() else ""
-        raise FileNotFoundError(f"checkpoint folder not found: {str(ckpt_dir)!r}{hint}")
+    """The consolidated.NN.pth shards of an existing checkpoint folder, in rank order."""
     paths = sorted(ckpt_dir.glob("*.pth"))
     if not paths:
         raise FileNotFoundError(

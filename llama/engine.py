@@ -13,7 +13,7 @@ ranks take the same decisions without talking to each other.
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -285,13 +285,10 @@ def generate(
     sync_every: int = 1,
     prefill_chunk: int = 2048,
     decode: Callable = eager_decode,
-    cancel: Optional[Set[int]] = None,
 ) -> Iterator[List[RowUpdate]]:
     """Continue each prompt by up to budgets[i] tokens, stopping a row at any of `stop_ids`.
 
     temperature, top_p: one value for all rows, or one per prompt.
-    cancel: prompt indices the caller adds to between updates; those rows finish at the next one
-        with finish_reason "cancelled" (a client that went away, a stop string that was seen).
 
     Yields lists of RowUpdate, every `sync_every` decode steps, until every row has finished
     (a caller may stop iterating earlier). The cache must already have room for
@@ -301,7 +298,6 @@ def generate(
     top_ps = list(top_p) if isinstance(top_p, Sequence) else [top_p] * n
     batch = Batch(model, stop_ids, rng, logprobs, prefill_chunk, decode)
     first = {u.row: u for u in batch.add(list(range(n)), prompts, budgets, temps, top_ps, prompt_logprobs)}
-    cancel = set() if cancel is None else cancel
     steps = 0
     while batch:
         steps += 1
@@ -314,9 +310,5 @@ def generate(
                 u.prompt_logprobs = f.prompt_logprobs
         yield updates + list(first.values())
         first = {}
-        gone = {k for k in batch.keys if k in cancel}
-        if gone:
-            batch.drop(gone)
-            yield [RowUpdate(k, [], [], "cancelled") for k in sorted(gone)]
     if first:
         yield list(first.values())

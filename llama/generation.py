@@ -421,7 +421,6 @@ class Llama:
         prompt_logprobs: bool,
         stop_ids: Sequence[int],
         sync_every: int,
-        cancel: Optional[set] = None,
     ) -> Iterator[List[RowUpdate]]:
         """The engine's updates for one batch of at most max_batch_size checked prompts.
         max_gen_len, temperature, top_p: one for all, or one per prompt."""
@@ -430,7 +429,7 @@ class Llama:
         return engine.generate(
             self.model, prompts, budgets, stop_ids, temperature, top_p, self.rng,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, sync_every=sync_every, decode=self.decode,
-            prefill_chunk=self.prefill_chunk_size, cancel=cancel,
+            prefill_chunk=self.prefill_chunk_size,
         )
 
     def _budgets(self, prompts: List[List[int]], max_gen_len: Union[int, Sequence[int]]) -> List[int]:

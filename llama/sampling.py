@@ -22,11 +22,11 @@ def _race(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Te
     return torch.argmax(probs / e, dim=-1, keepdim=True)
 
 
-def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_top_p(probs: torch.Tensor, p, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Sample from the smallest set of most likely tokens whose probabilities add up to more than p.
 
-    probs: (B, V) -> token ids (B, 1). Every token whose preceding cumulative probability already
-    exceeds p is dropped, the rest renormalised."""
+    probs: (B, V) -> token ids (B, 1); p: a float, or a (B, 1) tensor of one per row. Every token
+    whose preceding cumulative probability already exceeds p is dropped, the rest renormalised."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     probs_sort[probs_sum - probs_sort > p] = 0.0
@@ -52,7 +52,5 @@ def sample_rows(
     """Like `sample`, with a temperature and top_p per row ((B,) tensors; temperature 0 is greedy)."""
     greedy = torch.argmax(logits, dim=-1)
     probs = torch.softmax(logits.float() / temperature.clamp(min=1e-6)[:, None], dim=-1)
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sort[torch.cumsum(probs_sort, dim=-1) - probs_sort > top_p[:, None]] = 0.0
-    sampled = torch.gather(probs_idx, -1, _race(probs_sort, generator))[:, 0]
+    sampled = sample_top_p(probs, top_p[:, None], generator)[:, 0]
     return torch.where(temperature == 0, greedy, sampled)
