@@ -19,6 +19,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llama.tiny import write_tiny_model  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -31,7 +34,8 @@ if method == "ours":
     g = Llama.build(ckpt, ckpt + "/tokenizer.model", 256, 1, device="cpu", dtype=dtype)
 elif method == "plain":
     from llama import distributed
-    from llama.checkpoint import model_args, read_params
+    from llama.checkpoint import read_params
+    from llama.loading import model_args
     from llama.model import Transformer
     from llama.tokenizer import Tokenizer
     from pathlib import Path
@@ -67,9 +71,6 @@ def main():
     parser.add_argument("--n_layers", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
     a = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from llama.tiny import write_tiny_model
-
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_tiny_model(Path(tmp) / "ckpt", dim=a.dim, n_layers=a.n_layers, n_heads=a.dim // 64, n_kv_heads=a.dim // 64)
         size_mb = (ckpt / "consolidated.00.pth").stat().st_size / 2**20

@@ -10,15 +10,15 @@ keep their dtype. The Hugging Face copy loads with transformers' LlamaForCausalL
 import argparse
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Dict, List
 
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from llama.checkpoint import model_args, open_checkpoint
+from llama.files import copy_if_present, refuse_output_files
 from llama.hf import hf_config, hf_name, meta_to_hf_tensor
+from llama.loading import model_args, open_checkpoint
 from llama.reshard import reshard
 
 
@@ -27,8 +27,7 @@ def to_hf(src: str, dst: str, shard_bytes: int = 5 * 2**30, show_progress: bool 
     into `dst`: config.json, model-0000i-of-0000N.safetensors with their index, tokenizer.model."""
     src_dir, dst_dir = Path(src), Path(dst)
     params, reader = open_checkpoint(src, 0, 1)
-    if dst_dir.exists() and any(dst_dir.glob("*.safetensors")):
-        raise FileExistsError(f"{dst_dir} already holds .safetensors files; pass an empty or new folder")
+    refuse_output_files(dst_dir, ".safetensors")
     args = model_args(params, reader.vocab_rows(), 16384, 1, str(src_dir))
     keys = [k for k in reader.keys() if hf_name(k) is not None]  # e.g. rope.freqs has no use there
     dtype = reader.read(keys[0]).dtype
@@ -61,8 +60,7 @@ def to_hf(src: str, dst: str, shard_bytes: int = 5 * 2**30, show_progress: bool 
     config = hf_config(args)
     config["torch_dtype"] = str(dtype).replace("torch.", "")
     (dst_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if (src_dir / "tokenizer.model").is_file():
-        shutil.copyfile(src_dir / "tokenizer.model", dst_dir / "tokenizer.model")
+    copy_if_present(src_dir, dst_dir, "tokenizer.model")
     return dst_dir
 
 

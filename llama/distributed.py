@@ -1,4 +1,5 @@
-"""Process groups and devices: torchrun or plain python, one node or several, CUDA, MPS or CPU."""
+"""Process groups, devices and dtypes: torchrun or plain python, one node or several, CUDA, MPS
+or CPU; and the check that a CUDA allocation fits before it is made."""
 
 import atexit
 import contextlib
@@ -10,6 +11,8 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
+from llama.checks import is_int
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
@@ -18,6 +21,27 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """True on global rank 0, the process that prints."""
     return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0
+
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
+    """The dtype asked for, else bfloat16 on CUDA (float16 where bf16 is unsupported), float16 on
+    MPS, float32 on CPU."""
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"unsupported dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")
 
 
 def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
@@ -64,7 +88,7 @@ def setup_model_parallel(model_parallel_size: Optional[int], device: torch.devic
 
     n = dist.get_world_size()
     mp = n if model_parallel_size is None else model_parallel_size
-    if not isinstance(mp, int) or isinstance(mp, bool) or mp < 1 or n % mp != 0:
+    if not is_int(mp) or mp < 1 or n % mp != 0:
         raise ValueError(
             f"model_parallel_size={model_parallel_size!r} must be a positive divisor of the number of "
             f"processes ({n}); start one process per model-parallel rank, e.g. torchrun --nproc_per_node {mp}"

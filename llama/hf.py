@@ -6,14 +6,15 @@ in a "rotate half" order: within each head, the first halves of Meta's interleav
 rotary pairs come first, then the second halves.
 """
 
-import json
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from llama.model import ModelArgs, shard_dim
+from llama.files import open_tensor_file, read_json
+from llama.model import ModelArgs
+from llama.parallel import shard_dim
 
 # Meta name -> Hugging Face name; {i} is the layer index.
 META_TO_HF = {
@@ -112,10 +113,7 @@ def ffn_params(dim: int, width: int) -> Tuple[int, Optional[float]]:
 def read_config(folder: Path) -> dict:
     """Meta's params.json for the model described by a Hugging Face config.json."""
     path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    config = read_json(path)
     archs = config.get("architectures") or []
     if config.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
         raise ValueError(
@@ -151,7 +149,7 @@ def weight_files(folder: Path) -> Dict[str, Path]:
                                 ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index)["weight_map"]
             missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
             if missing:
                 raise FileNotFoundError(
@@ -161,37 +159,13 @@ def weight_files(folder: Path) -> Dict[str, Path]:
             return {name: folder / f for name, f in weight_map.items()}
         files = sorted(folder.glob(pattern))
         if files:
-            return {name: f for f in files for name in _open(f).keys()}
+            return {name: f for f in files for name in open_tensor_file(f).keys()}
     raise FileNotFoundError(f"{folder} has a config.json but no model*.safetensors or pytorch_model*.bin weights")
-
-
-def _open(path: Path):
-    """A memory-mapped view of one weight file: keys(), and get_slice(name) with lazy slicing."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        return safe_open(str(path), framework="pt", device="cpu")
-    return _TorchFile(path)
-
-
-class _TorchFile:
-    """pytorch_model*.bin behind the same small interface as safetensors' safe_open."""
-
-    def __init__(self, path: Path):
-        from llama.checkpoint import load_shard
-
-        self.state = load_shard(path)
-
-    def keys(self):
-        return list(self.state)
-
-    def get_slice(self, name: str) -> torch.Tensor:
-        return self.state[name]
 
 
 class HFReader:
     """Model-parallel rank `rank` of `mp_size`'s view of a Hugging Face checkpoint, in Meta's names,
-    shapes and rotary layout (the same interface as checkpoint.ShardReader). Each tensor is sliced
+    shapes and rotary layout (loading.WeightReader, as checkpoint.ShardReader). Each tensor is sliced
     for the rank before it is read; the q/k rows are put back into Meta's interleaved order."""
 
     def __init__(self, folder: Path, params: dict, rank: int, mp_size: int):
@@ -210,7 +184,7 @@ class HFReader:
     def _slice(self, key: str):
         path = self.files[self.names[key]]
         if path not in self._handles:
-            self._handles[path] = _open(path)
+            self._handles[path] = open_tensor_file(path)
         return self._handles[path].get_slice(self.names[key])
 
     def _full_shape(self, key: str) -> Tuple[int, ...]:

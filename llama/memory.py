@@ -11,6 +11,10 @@ from typing import Dict
 
 import torch
 
+from llama.checkpoint import read_params
+from llama.loading import model_args
+from llama.tokenizer import Tokenizer
+
 GiB = 2**30
 
 
@@ -36,13 +40,9 @@ def working_bytes(args, batch_size: int, mp: int, chunk: int, bytes_per_value: i
 
 
 def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtype: str, chunk: int = 2048) -> Dict[str, int]:
-    from llama.checkpoint import model_args, read_params
-
     folder = Path(ckpt_dir)
     vocab = 32016
     if (folder / "tokenizer.model").is_file():
-        from llama.tokenizer import Tokenizer
-
         vocab = Tokenizer(str(folder / "tokenizer.model")).n_words
     args = model_args(read_params(folder), vocab, max_seq_len, max_batch_size, str(folder / "params.json"))
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()

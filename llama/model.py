@@ -1,7 +1,8 @@
-"""The Llama-2 / Code Llama Transformer, sharded over model-parallel ranks with fairscale.
+"""The Llama-2 / Code Llama Transformer: its math, its KV cache and the attention plan.
 
-Only math lives here: no devices are chosen, no files are read, no process groups are made.
-Parameter names are exactly the keys of Meta's consolidated checkpoints.
+Only math lives here: no devices are chosen, no files are read, no process groups are made, no
+rank is asked for. The projections are llama.parallel's column- and row-parallel layers (the
+checkpoints' sharding contract). Parameter names are exactly the keys of Meta's checkpoints.
 
 Shapes in comments: B batch, T new tokens, S cached positions attended, H heads, D head dim.
 """
@@ -9,15 +10,12 @@ Shapes in comments: B batch, T new tokens, S cached positions attended, H heads,
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
-import fairscale.nn.model_parallel.initialize as fs_init
-import fairscale.nn.model_parallel.layers as fs_layers
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from llama.distributed import check_cuda_room
+from llama.parallel import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, world_size
 
 
 @dataclass
@@ -49,104 +47,6 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x W^T. On the CPU, a few rows (decoding a small batch) go 2-3x faster as (W x^T)^T: MKL's
-    kernels for a short, wide left operand are slow there."""
-    rows = x.numel() // x.shape[-1]
-    if x.device.type == "cpu" and 1 < rows <= 128:
-        return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
-
-
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum x over the model-parallel group, in place."""
-    group = fs_init.get_model_parallel_group()
-    if dist.get_world_size(group=group) > 1:
-        dist.all_reduce(x, group=group)
-    return x
-
-
-def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every model-parallel rank's x along the last dimension, in rank order."""
-    group = fs_init.get_model_parallel_group()
-    world = dist.get_world_size(group=group)
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
-# fairscale's parallel layers allocate and initialise full weights in __init__ with the legacy
-# `torch.Tensor(...)` constructor, which ignores `with torch.device("meta")`. These subclasses keep
-# fairscale's weight layout (the checkpoints' sharding contract) but only declare the local shard,
-# so the model can be built on the meta device and the checkpoint's tensors assigned in place:
-# nothing is allocated twice. Their forward calls the collectives above directly: fairscale's
-# autograd wrappers serve training, and torch.compile cannot trace them.
-
-
-class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
-    """y = x W^T with W split by rows (output features) over the model-parallel ranks."""
-
-    def __init__(self, in_features: int, out_features: int, gather_output: bool):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = in_features, out_features
-        self.gather_output = gather_output
-        world = fs_init.get_model_parallel_world_size()
-        self.output_size_per_partition = out_features // world
-        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features))
-        self.register_parameter("bias", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
-        return all_gather_last_dim(y) if self.gather_output else y
-
-
-class RowParallelLinear(fs_layers.RowParallelLinear):
-    """y = x W^T with W split by columns (input features); partial results are all-reduced."""
-
-    def __init__(self, in_features: int, out_features: int):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = in_features, out_features
-        self.input_is_parallel = True
-        world = fs_init.get_model_parallel_world_size()
-        self.input_size_per_partition = in_features // world
-        self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
-        self.register_parameter("bias", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(linear(x, self.weight))
-
-
-class ParallelEmbedding(fs_layers.ParallelEmbedding):
-    """Embedding split along the embedding dimension; the slices are all-gathered."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int):
-        nn.Module.__init__(self)
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
-        self.scale_grad_by_freq, self.sparse, self._weight = False, False, None
-        world = fs_init.get_model_parallel_world_size()
-        self.embedding_dim_per_partition = embedding_dim // world
-        self.weight = nn.Parameter(torch.empty(num_embeddings, self.embedding_dim_per_partition))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return all_gather_last_dim(F.embedding(tokens, self.weight))
-
-
-# How each checkpoint tensor is split over model-parallel ranks (the dimension), None = replicated:
-# column-parallel layers split their output features (rows), row-parallel ones their input
-# features (columns), the embedding its embedding dimension.
-_SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
-
-
-def shard_dim(key: str) -> Optional[int]:
-    """The dimension along which checkpoint tensor `key` is split over ranks (None: every rank
-    holds all of it), e.g. "layers.0.attention.wq.weight" -> 0."""
-    parts = key.split(".")
-    return _SHARD_DIM.get(parts[-2]) if len(parts) >= 2 else None
 
 
 class RMSNorm(nn.Module):
@@ -218,22 +118,26 @@ class KVCache:
         for t in self.k + self.v:
             t[: len(rows)] = t[index]
 
-    def reserve(self, batch_size: int, seq_len: int) -> None:
-        """Make room for `batch_size` rows of `seq_len` positions, keeping what is cached."""
+    def planned_shape(self, batch_size: int, seq_len: int) -> Tuple[int, int]:
+        """(rows, positions) the cache will have after reserve(batch_size, seq_len)."""
         if batch_size <= self.batch_size and seq_len <= self.seq_len:
-            return
+            return self.batch_size, self.seq_len
         if self.pow2:
             rounded = max(self.ROUND, 1 << (seq_len - 1).bit_length())
         else:
             rounded = -(-seq_len // self.ROUND) * self.ROUND
-        new_s = max(self.seq_len, min(rounded, self.args.max_seq_len))
-        new_b = max(self.batch_size, batch_size)
-        old = self.k[0]
-        check_cuda_room(
-            2 * len(self.k) * new_b * old.shape[1] * new_s * old.shape[3] * old.element_size(), old.device,
-            f"the KV cache for {new_b} x {new_s} positions",
-            "lower max_gen_len, the prompts' length or how many run together (max_batch_size)",
-        )
+        return max(self.batch_size, batch_size), max(self.seq_len, min(rounded, self.args.max_seq_len))
+
+    def nbytes(self, batch_size: int, seq_len: int) -> int:
+        """Bytes of keys and values for `batch_size` rows of `seq_len` positions."""
+        t = self.k[0]
+        return 2 * len(self.k) * batch_size * t.shape[1] * seq_len * t.shape[3] * t.element_size()
+
+    def reserve(self, batch_size: int, seq_len: int) -> None:
+        """Make room for `batch_size` rows of `seq_len` positions, keeping what is cached."""
+        new_b, new_s = self.planned_shape(batch_size, seq_len)
+        if (new_b, new_s) == (self.batch_size, self.seq_len):
+            return
 
         def grown(old: torch.Tensor) -> torch.Tensor:
             new = old.new_zeros((new_b, old.shape[1], new_s, old.shape[3]))
@@ -284,9 +188,8 @@ def attention_plan(
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        world = fs_init.get_model_parallel_world_size()
-        self.n_local_heads = args.n_heads // world
-        self.n_local_kv_heads = args.n_kv_heads // world
+        self.n_local_heads = args.n_heads // world_size()
+        self.n_local_kv_heads = args.n_kv_heads // world_size()
         self.head_dim = args.head_dim
         self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False)
         self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, gather_output=False)
@@ -381,11 +284,25 @@ class Transformer(nn.Module):
         self.reserve_cache(tokens.shape[0], start_pos + tokens.shape[1])
         return self.logits(self.hidden(tokens, start_pos))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights (and so the cache and every input) live."""
+        return self.output.weight.device
+
+    def new_cache(self, pow2: bool = False) -> KVCache:
+        """An empty KV cache for this model (this rank's KV heads, the weights' dtype and device).
+        pow2: lengths grow in powers of two (for a compiled step, which compiles once per shape)."""
+        n_kv = self.layers[0].attention.n_local_kv_heads
+        return KVCache(self.params, n_kv, self.output.weight.dtype, self.device, pow2=pow2)
+
+    def use_cache(self, cache: KVCache) -> None:
+        """Read and write keys and values in `cache` from now on."""
+        self.cache = cache
+
     def reserve_cache(self, batch_size: int, seq_len: int) -> KVCache:
+        """The model's cache, made if it has none, grown to `batch_size` rows of `seq_len` positions."""
         if self.cache is None:
-            weight = self.output.weight
-            n_kv = self.layers[0].attention.n_local_kv_heads
-            self.cache = KVCache(self.params, n_kv, weight.dtype, weight.device)
+            self.use_cache(self.new_cache())
         self.cache.reserve(batch_size, seq_len)
         return self.cache
 

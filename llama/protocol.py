@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from llama.answers import Result
+from llama.checks import is_int
 from llama.formats import (
     UNSAFE_ERROR,
     chat_prompt_tokens,
@@ -17,6 +19,7 @@ from llama.formats import (
     has_special_tags,
     infilling_prompt_tokens,
 )
+from llama.sampling import SamplingParams, check_temperature, check_top_p
 from llama.tokenizer import Tokenizer
 
 
@@ -38,12 +41,9 @@ class Job:
 
     api: str  # "completions", "chat" or "infill": the shape of the answer
     prompt_tokens: List[int]
-    max_tokens: int  # new tokens at most (cut further by max_seq_len)
-    temperature: float
-    top_p: float
+    params: SamplingParams  # max_gen_len: new tokens at most (cut further by max_seq_len)
     stop: List[str] = field(default_factory=list)  # stop strings: the text ends before the first
     stream: bool = False
-    logprobs: bool = False
     echo_text: str = ""  # text put before the answer (OpenAI echo)
     infill: bool = False  # decode the answer as an infilled middle
     fixed_answer: Optional[str] = None  # answered without the model (refused chat, n_predict=0)
@@ -74,10 +74,16 @@ def _describe(kinds) -> str:
                         list: "a list", dict: "an object"}[k] for k in _tuple(kinds))
 
 
-def _sampling(body: dict, temperature: float, top_p: float):
-    t = _get(body, "temperature", (int, float), temperature, lambda v: 0 <= v <= 100, "a number >= 0 (0 is greedy)")
-    p = _get(body, "top_p", (int, float), top_p, lambda v: 0 < v <= 1, "a number in (0, 1]")
-    return float(t), float(p)
+def _sampling(body: dict, temperature: float, top_p: float, max_gen_len: int, logprobs: bool = False) -> SamplingParams:
+    """The request's sampling settings, with this API's defaults, checked by llama.sampling's rules."""
+    checked = {}
+    for name, check, default in (("temperature", check_temperature, temperature), ("top_p", check_top_p, top_p)):
+        value = body.get(name)
+        try:
+            checked[name] = float(default if value is None else check(value))
+        except ValueError as e:
+            raise APIError(400, f"'{name}' {str(e).split(' ', 1)[1]}", param=name) from None
+    return SamplingParams(checked["temperature"], checked["top_p"], max_gen_len, logprobs)
 
 
 def _stop(body: dict) -> List[str]:
@@ -146,12 +152,11 @@ def parse_completion(body: Any, tokenizer: Tokenizer, max_seq_len: int) -> Job:
     if not isinstance(prompt, str):
         raise APIError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
     suffix = _get(body, "suffix", str)
-    temperature, top_p = _sampling(body, 1.0, 1.0)
     logprobs = _get(body, "logprobs", int, None, lambda v: 0 <= v <= 20, "an integer from 0 to 20")
+    max_tokens = _get(body, "max_tokens", int, 16, lambda v: v >= 0, "an integer >= 0")
     job = Job(
-        api="completions", prompt_tokens=[], temperature=temperature, top_p=top_p, stop=_stop(body),
-        max_tokens=_get(body, "max_tokens", int, 16, lambda v: v >= 0, "an integer >= 0"),
-        stream=_get(body, "stream", bool, False), logprobs=logprobs is not None,
+        api="completions", prompt_tokens=[], params=_sampling(body, 1.0, 1.0, max_tokens, logprobs is not None),
+        stop=_stop(body), stream=_get(body, "stream", bool, False),
         echo_text=prompt if _get(body, "echo", bool, False) else "",
     )
     fim = (prompt, suffix, False) if suffix is not None else split_fim_prompt(prompt) if tokenizer.has_infilling else None
@@ -191,14 +196,14 @@ def parse_chat(body: Any, tokenizer: Tokenizer, max_seq_len: int) -> Job:
         check_dialog(dialog)
     except (TypeError, ValueError) as e:
         raise APIError(400, str(e).replace("dialog 0", "messages"), param="messages") from None
-    temperature, top_p = _sampling(body, 1.0, 1.0)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0):
+    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 0):
         raise APIError(400, f"'max_tokens' must be an integer >= 0, got {max_tokens!r}", param="max_tokens")
+    logprobs = _get(body, "logprobs", bool, False)
     job = Job(
         api="chat", prompt_tokens=chat_prompt_tokens(tokenizer, dialog),
-        max_tokens=max_seq_len if max_tokens is None else max_tokens, temperature=temperature, top_p=top_p,
-        stop=_stop(body), stream=_get(body, "stream", bool, False), logprobs=_get(body, "logprobs", bool, False),
+        params=_sampling(body, 1.0, 1.0, max_seq_len if max_tokens is None else max_tokens, logprobs),
+        stop=_stop(body), stream=_get(body, "stream", bool, False),
     )
     if has_special_tags(dialog):
         job.fixed_answer = UNSAFE_ERROR
@@ -222,14 +227,13 @@ def parse_infill(body: Any, tokenizer: Tokenizer, max_seq_len: int) -> Job:
         chunks.append(text if text.endswith("\n") or not text else text + "\n")
     middle = _get(body, "prompt", str, "")
     n_predict = _get(body, "n_predict", int, -1, lambda v: v >= -1, "an integer >= -1 (-1: no limit)")
-    temperature, top_p = _sampling(body, 0.8, 0.95)
+    params = _sampling(body, 0.8, 0.95, max_seq_len if n_predict < 0 else n_predict)
     tokens = _infill_tokens(tokenizer, "".join(chunks) + prefix, suffix)
     if middle:
         tokens += tokenizer.encode_infilling(middle)
     job = Job(
-        api="infill", prompt_tokens=tokens, max_tokens=max_seq_len if n_predict < 0 else n_predict,
-        temperature=temperature, top_p=top_p, stop=_stop(body), stream=_get(body, "stream", bool, False),
-        infill=True,
+        api="infill", prompt_tokens=tokens, params=params, stop=_stop(body),
+        stream=_get(body, "stream", bool, False), infill=True,
     )
     if n_predict == 0:
         job.fixed_answer = ""
@@ -240,28 +244,13 @@ def parse_infill(body: Any, tokenizer: Tokenizer, max_seq_len: int) -> Job:
 # Responses ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Result:
-    """What a job produced, as the scheduler hands it over."""
-
-    text: str
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-    stop_type: str = "eos"  # llama.cpp: "eos", "limit" or "word"
-    stopping_word: str = ""
-    tokens: List[str] = field(default_factory=list)  # with logprobs: pieces
-    logprobs: List[float] = field(default_factory=list)
-    offsets: List[int] = field(default_factory=list)  # where each token's text starts
-
-
 def _usage(r: Result) -> dict:
     return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
             "total_tokens": r.prompt_tokens + r.completion_tokens}
 
 
 def _completion_logprobs(job: Job, r: Result) -> Optional[dict]:
-    if not job.logprobs:
+    if not job.params.logprobs:
         return None
     offset = len(job.echo_text)
     return {"tokens": r.tokens, "token_logprobs": r.logprobs, "top_logprobs": None,
@@ -284,7 +273,7 @@ def completion_response(job: Job, r: Result, model: str) -> dict:
 
 
 def _chat_logprobs(job: Job, r: Result) -> Optional[dict]:
-    if not job.logprobs:
+    if not job.params.logprobs:
         return None
     return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
                         for t, lp in zip(r.tokens, r.logprobs)]}

@@ -9,29 +9,14 @@ source; memory use peaks at about one output shard.
 """
 
 import argparse
-import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from llama.checkpoint import check_degree, model_args, open_checkpoint
-
-
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_checklist(folder: Path) -> None:
-    """checklist.chk in md5sum's format, as Meta's downloads carry it."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "checklist.chk")
-    (folder / "checklist.chk").write_text("".join(f"{md5sum(p)}  {p.name}\n" for p in files))
+from llama.files import copy_if_present, refuse_output_files, write_checklist
+from llama.loading import check_degree, model_args, open_checkpoint
 
 
 def reshard(src: str, dst: str, mp: int, show_progress: bool = True) -> Path:
@@ -41,8 +26,7 @@ def reshard(src: str, dst: str, mp: int, show_progress: bool = True) -> Path:
     params, first = open_checkpoint(src, 0, mp)
     if dst_dir.exists() and dst_dir.resolve() == src_dir.resolve():
         raise ValueError("DST_DIR must differ from SRC_DIR")
-    if dst_dir.exists() and any(dst_dir.glob("*.pth")):
-        raise FileExistsError(f"{dst_dir} already holds .pth files; pass an empty or new folder")
+    refuse_output_files(dst_dir, ".pth")
     check_degree(model_args(params, first.vocab_rows(), 1, 1, str(src_dir)), mp)
     dst_dir.mkdir(parents=True, exist_ok=True)
     keys = first.keys()
@@ -56,12 +40,9 @@ def reshard(src: str, dst: str, mp: int, show_progress: bool = True) -> Path:
                 bar.update()
             torch.save(shard, dst_dir / f"consolidated.{rank:02d}.pth")
             del shard, reader
-    if (src_dir / "params.json").is_file():
-        shutil.copyfile(src_dir / "params.json", dst_dir / "params.json")
-    else:
+    if not copy_if_present(src_dir, dst_dir, "params.json"):
         (dst_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    if (src_dir / "tokenizer.model").is_file():
-        shutil.copyfile(src_dir / "tokenizer.model", dst_dir / "tokenizer.model")
+    copy_if_present(src_dir, dst_dir, "tokenizer.model")
     write_checklist(dst_dir)
     return dst_dir
 

@@ -1,19 +1,51 @@
-"""Choosing the next token: greedy, or temperature and nucleus (top-p) sampling.
+"""Choosing the next token: greedy, or temperature and nucleus (top-p) sampling, and the
+`SamplingParams` of a request, checked once where they are made.
 
 Sampling draws with the exponential race (argmax of p / E with E ~ Exp(1)), an exact sample of
 the distribution that, unlike torch.multinomial, never waits for the device. All randomness comes
 from the torch.Generator passed in, which every model-parallel rank seeds alike."""
 
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from llama.checks import check_int
 
-def check_sampling(temperature: float, top_p: float) -> None:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_temperature(temperature) -> float:
+    """`temperature` if it is a finite number >= 0 (0 is greedy); otherwise a ValueError."""
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+    return temperature
+
+
+def check_top_p(top_p) -> float:
+    """`top_p` if it is a number in (0, 1]; otherwise a ValueError."""
+    if not _is_number(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    return top_p
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is sampled; every field is checked on construction (ValueError)."""
+
+    temperature: float = 0.6  # 0 is greedy
+    top_p: float = 0.9  # nucleus: sample from the most likely tokens whose probabilities add up to top_p
+    max_gen_len: Optional[int] = None  # new tokens at most; None: as many as max_seq_len leaves
+    logprobs: bool = False  # also report each new token's log-probability
+
+    def __post_init__(self):
+        if self.max_gen_len is not None:
+            check_int("max_gen_len", self.max_gen_len, minimum=0)
+        check_temperature(self.temperature)
+        check_top_p(self.top_p)
 
 
 def _race(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from llama import protocol
+from llama.generation import Llama
 from llama.protocol import APIError
+from llama.serving import QueueFull, Scheduler
 
 
 class State:
@@ -40,8 +42,6 @@ def create_app(state: State):
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
-
-    from llama.serving import QueueFull
 
     def error(e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -194,9 +194,6 @@ def main(argv=None) -> None:
     except ImportError:
         sys.exit("llama.server needs its extra: pip install -e '.[server]'")
 
-    from llama import Llama
-    from llama.serving import Scheduler
-
     rank = int(os.environ.get("RANK", 0))
     state = State(Path(a.ckpt_dir).resolve().name, a.api_key)
     server = thread = None
@@ -205,7 +202,7 @@ def main(argv=None) -> None:
         print(f"llama.server: listening on http://{a.host}:{a.port} (loading {a.ckpt_dir})", file=sys.stderr)
     generator = Llama.build(a.ckpt_dir, a.tokenizer_path or str(Path(a.ckpt_dir) / "tokenizer.model"),
                             a.max_seq_len, a.max_batch_size, dtype=a.dtype, compile=a.compile)
-    scheduler = Scheduler(generator, max_queue=a.max_queue)
+    scheduler = Scheduler(generator.engine, generator.tokenizer, max_queue=a.max_queue)
 
     def stop(signum, frame):
         scheduler.shutdown()  # rank 0 tells the others at the end of the current step

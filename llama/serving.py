@@ -18,9 +18,11 @@ from typing import Dict, List, Optional, Set
 import torch
 import torch.distributed as dist
 
-from llama.generation import Llama
-from llama.protocol import Job, Result
-from llama.tokenizer import StreamDecoder
+from llama.answers import Answer, Result
+from llama.batch import RowUpdate
+from llama.engine import Engine
+from llama.protocol import Job
+from llama.tokenizer import Tokenizer
 
 STOP = "stop"  # broadcast by rank 0 to end the loop on every rank
 
@@ -47,18 +49,11 @@ class Handle:
 
 
 @dataclass
-class _Text:
-    """Rank 0's state of a running job: its answer as text, and what has been handed out."""
+class Running:
+    """Rank 0's view of a job in the batch: where its events go, and its answer so far."""
 
     handle: Handle
-    decoder: StreamDecoder
-    text: str = ""
-    sent: int = 0
-    tokens: int = 0
-    pieces: List[str] = field(default_factory=list)
-    logprobs: List[float] = field(default_factory=list)
-    offsets: List[int] = field(default_factory=list)
-    stop_word: str = ""
+    answer: Answer
 
 
 @dataclass
@@ -76,10 +71,9 @@ class Scheduler:
     """Continuous batching: a request joins the running batch at the next step (if there is a free
     row) and leaves it when its answer is complete."""
 
-    def __init__(self, generator: Llama, max_queue: int = 64):
-        self.generator = generator
-        self.tokenizer = generator.tokenizer
-        self.max_batch_size = generator.model.params.max_batch_size
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, max_queue: int = 64):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.max_batch_size = engine.max_batch_size
         self.queue: "queue.Queue[Handle]" = queue.Queue(maxsize=max_queue)
         self.stopping = threading.Event()
         self.stats = Stats()
@@ -90,7 +84,7 @@ class Scheduler:
         self.group = dist.new_group(backend="gloo") if self.world > 1 else None
         stop = {self.tokenizer.eos_id, self.tokenizer.eot_id, self.tokenizer.step_id}
         self.stop_ids = sorted(t for t in stop if t is not None)
-        self.texts: Dict[int, _Text] = {}  # rank 0: the running jobs, by row key
+        self.texts: Dict[int, Running] = {}  # rank 0: the running jobs, by row key
         self.leaving: Set[int] = set()  # rank 0: rows whose answer is over but that still run
         self.next_key = 0
 
@@ -118,7 +112,7 @@ class Scheduler:
     def loop(self) -> None:
         """Serve until rank 0 says stop (every rank runs this). Each round: rank 0 decides which rows
         leave and which jobs join, every rank applies that, and the batch takes one decode step."""
-        batch = self.generator._batch(self.stop_ids, logprobs=True)
+        batch = self.engine.open_batch(self.stop_ids, logprobs=True)
         while True:
             message = self._plan(batch) if self.rank == 0 else None
             message = self._broadcast(message)
@@ -169,20 +163,19 @@ class Scheduler:
             if handle.cancelled:
                 continue
             key, self.next_key = self.next_key, self.next_key + 1
-            decode = self.tokenizer.decode_infilling if handle.job.infill else self.tokenizer.decode
-            self.texts[key] = _Text(handle, StreamDecoder(decode))
+            self.texts[key] = Running(handle, self._answer(handle.job))
             if handle.job.echo_text:
                 handle.send(("text", handle.job.echo_text))
             join.append((key, handle.job))
         return leave, join
 
+    def _answer(self, job: Job) -> Answer:
+        decode = self.tokenizer.decode_infilling if job.infill else self.tokenizer.decode
+        return Answer(decode, self.tokenizer.token_piece, job.stop, job.params.logprobs, len(job.prompt_tokens))
+
     def _join(self, batch, join) -> None:
-        g = self.generator
-        prompts = [job.prompt_tokens for _, job in join]
-        budgets = g._budgets(prompts, [job.max_tokens for _, job in join])
-        g._reserve(prompts, budgets, len(batch) + len(join), rows_may_join=True)
-        updates = batch.add([key for key, _ in join], prompts, budgets, [job.temperature for _, job in join],
-                            [job.top_p for _, job in join])
+        updates = self.engine.admit(batch, [key for key, _ in join], [job.prompt_tokens for _, job in join],
+                                    [job.params for _, job in join])
         if self.rank == 0:
             for u in updates:
                 if u.finish_reason:  # nothing to generate (max_tokens 0)
@@ -200,41 +193,17 @@ class Scheduler:
         if t is not None:
             t.handle.send(event)
 
-    def _on_update(self, u) -> None:
+    def _on_update(self, u: RowUpdate) -> None:
         """Rank 0: new tokens of one job. Hands out the text that can no longer change; once the
         answer is complete, sends the result and, if the row still runs, marks it to leave."""
-        t = self.texts.get(u.row)
-        if t is None or u.row in self.leaving:
+        running = self.texts.get(u.row)
+        if running is None or u.row in self.leaving:
             return
-        job = t.handle.job
-        for token, lp in zip(u.tokens, u.logprobs or [None] * len(u.tokens)):
-            t.offsets.append(len(t.text))
-            t.text += t.decoder.push(token)
-            t.tokens += 1
-            if job.logprobs:
-                t.pieces.append(self.tokenizer.token_piece(token))
-                t.logprobs.append(lp)
-        if u.finish_reason is not None:
-            t.text += t.decoder.flush()
-        cut = min((i for i in (t.text.find(s) for s in job.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            t.stop_word = next(s for s in job.stop if t.text.find(s) == cut)
-            t.text = t.text[:cut]
-        done = cut >= 0 or u.finish_reason is not None
-        # Text that could still turn out to begin a stop string is held back.
-        hold = 0 if done else max((len(s) - 1 for s in job.stop), default=0)
-        ready = max(t.sent, len(t.text) - hold)
-        if ready > t.sent:
-            t.handle.send(("text", t.text[t.sent : ready]))
-            t.sent = ready
-        if not done:
+        text, result = running.answer.add(u)
+        if text:
+            running.handle.send(("text", text))
+        if result is None:
             return
-        kept = [i for i, o in enumerate(t.offsets) if o < len(t.text)] if job.logprobs else []
-        stop_type = "word" if cut >= 0 else ("eos" if u.finish_reason == "stop" else "limit")
-        self._end(u.row, ("done", Result(
-            t.text, "length" if stop_type == "limit" else "stop", len(job.prompt_tokens), t.tokens,
-            stop_type, t.stop_word, [t.pieces[i] for i in kept], [t.logprobs[i] for i in kept],
-            [t.offsets[i] for i in kept],
-        )))
+        self._end(u.row, ("done", result))
         if u.finish_reason is None:
             self.leaving.add(u.row)

@@ -8,7 +8,6 @@ and checklist.chk. The weights are random, so the model's output is gibberish by
 """
 
 import argparse
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -17,8 +16,9 @@ from typing import Dict
 import sentencepiece as spm
 import torch
 
-from llama.checkpoint import shard_of
+from llama.files import write_checklist
 from llama.model import ModelArgs
+from llama.parallel import shard_of
 from llama.tokenizer import EOT_PIECE, MIDDLE_PIECE, PREFIX_PIECE, SMILEY_PIECE, STEP_PIECE, SUFFIX_PIECE
 
 # A small mixed corpus of code and prose: enough for a few hundred BPE merges.
@@ -140,10 +140,7 @@ def write_tiny_model(
     for rank in range(mp):
         shard = {k: shard_of(k, t, rank, mp).to(torch.bfloat16).clone() for k, t in state.items()}
         torch.save(shard, out / f"consolidated.{rank:02d}.pth")
-    files = sorted(p for p in out.iterdir() if p.name != "checklist.chk")
-    (out / "checklist.chk").write_text(
-        "".join(f"{hashlib.md5(p.read_bytes()).hexdigest()}  {p.name}\n" for p in files)
-    )
+    write_checklist(out)
     return out
 
 

@@ -29,11 +29,11 @@ DIALOG = [
 
 def chunked(generator: Llama) -> list:
     """Completion with echo and logprobs, prompts going through the model 7 tokens at a time."""
-    generator.prefill_chunk_size = 7
+    generator.engine.prefill_chunk_size = 7
     try:
         return generator.text_completion(PROMPTS, temperature=0, max_gen_len=12, logprobs=True, echo=True)
     finally:
-        generator.prefill_chunk_size = 2048
+        generator.engine.prefill_chunk_size = 2048
 
 
 TOKENS = [[1, 45, 300, 12, 77, 8, 150, 9, 260, 33], [1, 7, 7, 7, 99, 400, 2, 5, 6, 10]]

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.checkpoint import ShardReader, check_degree, load_shard, shard_paths
+from llama.checkpoint import ShardReader, shard_paths
+from llama.files import load_shard
+from llama.loading import check_degree
 from llama.model import ModelArgs
 from llama.reshard import reshard
 

@@ -223,7 +223,7 @@ def test_batched_prefill_equals_plain_algorithm(generator, sp):
 
 
 def test_prefill_groups_bound_padding():
-    from llama.engine import prefill_groups
+    from llama.batch import prefill_groups
 
     assert prefill_groups([]) == []
     assert prefill_groups([7]) == [range(0, 1)]
@@ -246,7 +246,7 @@ def test_compiled_decode_gives_the_same_answers(tiny_dir, generator):
     stop = generator.generate([[1, 5]], 6, temperature=0)[0][0][2]
     expected = generator.text_completion(prompts, temperature=0, max_gen_len=10, logprobs=True)
     got = compiled.text_completion(prompts, temperature=0, max_gen_len=10, logprobs=True)
-    assert compiled.decode.broken is None
+    assert compiled.engine.decoder.broken is None
     for a, b in zip(got, expected):
         assert a["generation"] == b["generation"]
         assert_logprobs_close(a["logprobs"], b["logprobs"], atol=1e-4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.checkpoint import load_shard
+from llama.files import load_shard
 from llama.model import ModelArgs
 from llama.reshard import reshard
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import Llama, engine
+from llama import Llama
+from llama.batch import prefill as batch_prefill
 from llama.distributed import check_cuda_room
 from llama.memory import kv_cache_bytes, weight_bytes
 from llama.model import ModelArgs
@@ -20,10 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @torch.inference_mode()
 def prefill(gen: Llama, prompts, chunk):
     """Last-token logits, prompt log-probabilities and the cached keys/values of each prompt's real
-    positions after engine._prefill with this chunk size."""
+    positions after llama.batch.prefill with this chunk size."""
     model = gen.model
     model.reserve_cache(len(prompts), max(map(len, prompts)))
-    _, logits, lps = engine._prefill(model, prompts, [True] * len(prompts), True, chunk)
+    _, logits, lps = batch_prefill(model, prompts, [True] * len(prompts), True, chunk)
     kv = [[t[i, :, : len(p)].clone() for t in model.cache.k + model.cache.v] for i, p in enumerate(prompts)]
     return logits, lps, kv
 
@@ -48,10 +49,10 @@ def test_chunked_generation_equals_one_shot(generator):
     prompts = ["def fibonacci(n: int) -> int:\n    if n < 2:\n        return n", "import os"]
     expected = generator.text_completion(prompts, temperature=0, max_gen_len=10, logprobs=True, echo=True)
     try:
-        generator.prefill_chunk_size = 3
+        generator.engine.prefill_chunk_size = 3
         got = generator.text_completion(prompts, temperature=0, max_gen_len=10, logprobs=True, echo=True)
     finally:
-        generator.prefill_chunk_size = 2048
+        generator.engine.prefill_chunk_size = 2048
     for a, b in zip(got, expected):
         assert a["generation"] == b["generation"]
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-4

@@ -1,0 +1,249 @@
+"""A running batch: rows that join (their prompts prefilled between steps), take decode steps
+together, and leave when they finish; and the batched prefill with its length grouping.
+
+- Prefill: prompts are sorted by length and grouped so that padding a group to its longest prompt
+  wastes little; each group goes through the model in one pass (in chunks for long prompts) and
+  only the logits that are needed are computed.
+- Decode: rows advance at their own positions; the host looks at the new tokens only on a sync
+  step (to stop rows, and to hand tokens out), and rows that have finished are dropped then.
+
+Every model-parallel rank runs the same batch on the same inputs and draws the same tokens, so
+all ranks take the same decisions without talking to each other.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from llama.model import Transformer
+from llama.sampling import SamplingParams, sample, sample_rows
+
+
+@dataclass
+class RowUpdate:
+    """New output of one row of a batch."""
+
+    row: int  # the caller's key of the row (the prompt's index, for Engine.complete)
+    tokens: List[int]  # tokens made since its last update (a stop token is not included)
+    logprobs: List[float]  # their log-probabilities (empty unless asked for)
+    finish_reason: Optional[str] = None  # "stop" (a stop token) or "length" (its budget) once done
+    prompt_logprobs: Optional[List[float]] = None  # in the first update, when asked for
+
+
+def prefill_groups(lengths: Sequence[int], waste: float = 0.25) -> List[range]:
+    """Split rows, sorted by ascending length, into runs whose padding to their longest prompt is
+    at most `waste` of their real tokens (a single row always forms a run)."""
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and n * (i + 1 - start) > (1 + waste) * (total + n):
+            groups.append(range(start, i))
+            start, total = i, 0
+        total += n
+    if lengths:
+        groups.append(range(start, len(lengths)))
+    return groups
+
+
+def token_logprobs(model: Transformer, h: torch.Tensor, targets: torch.Tensor, chunk: int = 512) -> List[float]:
+    """log p(targets[t] | ...) from hidden states h (T, dim), `chunk` positions of logits at a time."""
+    out = []
+    for s in range(0, h.shape[0], chunk):
+        lp = F.log_softmax(model.logits(h[s : s + chunk]), dim=-1)
+        out.append(lp.gather(1, targets[s : s + chunk, None])[:, 0])
+    return torch.cat(out).tolist() if out else []
+
+
+def prefill(
+    model: Transformer, prompts: List[List[int]], need_logits: List[bool], prompt_logprobs: bool, chunk: int,
+    row0: int = 0,
+) -> Tuple[List[int], Optional[torch.Tensor], List[List[float]]]:
+    """Run the prompts, sorted by length, through the model, writing cache rows row0..row0+n-1.
+
+    Returns (the indices k with need_logits[k], the logits (len, V) of their last prompt token,
+    per-prompt log-probabilities of tokens 1.. when asked)."""
+    lengths = [len(p) for p in prompts]
+    last_h: List[Optional[torch.Tensor]] = [None] * len(prompts)
+    lps: List[List[float]] = [[] for _ in prompts]
+    for group in prefill_groups(lengths):
+        if not prompt_logprobs and not any(need_logits[k] for k in group):
+            continue
+        width = max(lengths[k] for k in group)
+        tokens = torch.zeros((len(group), width), dtype=torch.long, device=model.device)  # right-padded
+        for j, k in enumerate(group):
+            tokens[j, : lengths[k]] = torch.tensor(prompts[k], dtype=torch.long, device=model.device)
+        # Padding only ever follows a row's prompt, so causal attention keeps it out of the prompt.
+        for s in range(0, width, chunk):
+            h = model.hidden(tokens[:, s : s + chunk], s, rows=slice(row0 + group.start, row0 + group.stop))
+            for j, k in enumerate(group):
+                if s <= lengths[k] - 1 < s + chunk:
+                    last_h[k] = h[j, lengths[k] - 1 - s]
+                if prompt_logprobs:
+                    n = min(h.shape[1], lengths[k] - 1 - s)  # positions whose next token is in the prompt
+                    if n > 0:
+                        lps[k] += token_logprobs(model, h[j, :n], tokens[j, s + 1 : s + 1 + n])
+    wanted = [k for k in range(len(prompts)) if need_logits[k]]
+    logits = model.logits(torch.stack([last_h[k] for k in wanted])) if wanted else None
+    return wanted, logits, lps
+
+
+@dataclass
+class Rows:
+    """Per-row state of a batch, one entry per active row in cache-row order: host lists and
+    device tensors, kept in step by `select` and `extend` only."""
+
+    keys: List[int]  # the caller's id of the row
+    left: List[int]  # tokens it may still make
+    pos_host: List[int]  # where its next token goes
+    cap: List[int]  # the last position it may use
+    temps: List[float]
+    top_ps: List[float]
+    logits: Optional[torch.Tensor] = None  # (A, V): the distribution of each row's next token
+    pos: Optional[torch.Tensor] = None  # (A,) pos_host on the device
+    row_cap: Optional[torch.Tensor] = None  # (A,) cap on the device
+    row_temp: Optional[torch.Tensor] = None  # (A,) temps on the device
+    row_top_p: Optional[torch.Tensor] = None  # (A,) top_ps on the device
+
+    @staticmethod
+    def empty() -> "Rows":
+        return Rows([], [], [], [], [], [])
+
+    def select(self, keep: List[int]) -> "Rows":
+        """The rows at positions `keep`, in that order."""
+        index = None
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                values[f.name] = [v[a] for a in keep]
+            elif v is not None:
+                index = torch.tensor(keep, device=v.device, dtype=torch.long) if index is None else index
+                values[f.name] = v[index]
+        return Rows(**values)
+
+    def extend(self, new: "Rows") -> "Rows":
+        """These rows followed by `new`."""
+        values = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(new, f.name)
+            values[f.name] = a + b if isinstance(a, list) else (b if a is None else torch.cat([a, b]))
+        return Rows(**values)
+
+
+class Batch:
+    """Rows being generated, one KV-cache row each (rows 0..len-1, in order). Rows join between
+    steps (their prompts are prefilled then) and leave when they finish or are dropped.
+
+    A step samples every row's next token; on a sync step the host reads the tokens made since the
+    last sync, ends rows at a stop token or at their budget, and drops them; then the remaining
+    rows' tokens go through the model. Rows that finish between syncs keep running until the next
+    one (their extra tokens are discarded)."""
+
+    def __init__(self, model: Transformer, decode: Callable, stop_ids: Sequence[int],
+                 rng: Optional[torch.Generator], logprobs: bool = False, prefill_chunk: int = 2048):
+        """decode: the one-step decoder (llama.decode); logprobs: report each token's log-probability."""
+        self.model, self.decode, self.stop, self.rng = model, decode, set(stop_ids), rng
+        self.logprobs, self.prefill_chunk = logprobs, prefill_chunk
+        self.rows = Rows.empty()
+        self.pending: List[torch.Tensor] = []  # tokens sampled since the last sync, (A,) each
+        self.pending_lp: List[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.rows.keys)
+
+    @property
+    def keys(self) -> List[int]:
+        """The caller's keys of the active rows."""
+        return list(self.rows.keys)
+
+    def add(self, keys: List[int], prompts: List[List[int]], budgets: List[int], params: Sequence[SamplingParams],
+            prompt_logprobs: bool = False) -> List[RowUpdate]:
+        """Prefill new rows (after a sync: no tokens may be pending). The cache must have room for
+        len(self) + len(prompts) rows of each row's prompt + budget positions. Returns an update for
+        each new row: its prompt log-probabilities when asked, and "length" for a zero budget."""
+        assert not self.pending, "rows join only right after a sync"
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        need = [budgets[i] > 0 for i in order]
+        row0 = len(self)
+        wanted, logits, lps = prefill(self.model, [prompts[i] for i in order], need, prompt_logprobs,
+                                      self.prefill_chunk, row0)
+        updates = [RowUpdate(keys[order[k]], [], [], None if need[k] else "length", lps[k] if prompt_logprobs else None)
+                   for k in range(len(order))]
+        if not wanted:
+            return updates
+        self.model.cache.keep_rows(list(range(row0)) + [row0 + k for k in wanted])
+        joining = [order[k] for k in wanted]
+        device = self.model.device
+        positions = [len(prompts[i]) for i in joining]
+        caps = [len(prompts[i]) + budgets[i] - 1 for i in joining]
+        temps = [params[i].temperature for i in joining]
+        top_ps = [params[i].top_p for i in joining]
+        self.rows = self.rows.extend(Rows(
+            keys=[keys[i] for i in joining], left=[budgets[i] for i in joining], pos_host=positions, cap=caps,
+            temps=temps, top_ps=top_ps, logits=logits, pos=torch.tensor(positions, device=device),
+            row_cap=torch.tensor(caps, device=device), row_temp=torch.tensor(temps, device=device),
+            row_top_p=torch.tensor(top_ps, device=device),
+        ))
+        return updates
+
+    @torch.inference_mode()
+    def drop(self, keys) -> None:
+        """Remove rows (by key) right after a sync; the others move up in the cache."""
+        keep = [a for a, k in enumerate(self.rows.keys) if k not in keys]
+        if len(keep) == len(self):
+            return
+        if keep:
+            self.model.cache.keep_rows(keep)
+        self.rows = self.rows.select(keep)
+
+    @torch.inference_mode()
+    def step(self, sync: bool) -> List[RowUpdate]:
+        """Sample every row's next token; on a sync, the updates of every row (finished rows are
+        dropped); then feed the tokens of the rows still running."""
+        r = self.rows
+        if len(set(zip(r.temps, r.top_ps))) == 1:
+            token = sample(r.logits, r.temps[0], r.top_ps[0], self.rng)
+        else:
+            token = sample_rows(r.logits, r.row_temp, r.row_top_p, self.rng)
+        self.pending.append(token)
+        if self.logprobs:
+            self.pending_lp.append(torch.log_softmax(r.logits, dim=-1).gather(1, token[:, None])[:, 0])
+        updates = []
+        if sync or len(self.pending) >= max(r.left):
+            updates, kept = self._sync()
+            token = token[kept]
+        r = self.rows
+        if r.keys:
+            r.logits = self.decode(token, r.pos, r.pos_host)
+            # A row past its end (not yet seen by a sync) keeps rewriting its last position.
+            r.pos_host = [min(p + 1, c) for p, c in zip(r.pos_host, r.cap)]
+            r.pos = torch.minimum(r.pos + 1, r.row_cap)
+        return updates
+
+    def _sync(self) -> Tuple[List[RowUpdate], torch.Tensor]:
+        """(an update per row, the positions of the rows still running); drops the finished rows."""
+        new = torch.stack(self.pending, 1).tolist()
+        new_lp = torch.stack(self.pending_lp, 1).tolist() if self.logprobs else [[] for _ in new]
+        self.pending, self.pending_lp = [], []
+        updates, done = [], set()
+        for a, key in enumerate(self.rows.keys):
+            u = RowUpdate(key, [], [])
+            for t, lp in zip(new[a], new_lp[a] or [None] * len(new[a])):
+                if t in self.stop:
+                    u.finish_reason = "stop"
+                    break
+                u.tokens.append(t)
+                if self.logprobs:
+                    u.logprobs.append(lp)
+                self.rows.left[a] -= 1
+                if self.rows.left[a] == 0:
+                    u.finish_reason = "length"
+                    break
+            updates.append(u)
+            if u.finish_reason:
+                done.add(key)
+        kept = torch.tensor([a for a, k in enumerate(self.rows.keys) if k not in done],
+                            device=self.model.device, dtype=torch.long)
+        self.drop(done)
+        return updates, kept

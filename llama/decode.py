@@ -1,0 +1,95 @@
+"""The one-step decoders: feed one token per active row and return the next logits.
+
+`EagerDecode` runs the model as it is on a cache that grows with the work; `CompiledDecode`
+runs a torch.compile'd step (CUDA graphs on a GPU) on static caches of a few size buckets. Each
+also says which KV cache a batch of a given size decodes on, so that the engine can fit it.
+"""
+
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from llama.model import KVCache, Transformer
+
+
+def eager_step(model: Transformer, token: torch.Tensor, pos: torch.Tensor, pos_host: List[int]) -> torch.Tensor:
+    """Logits (A, V) after feeding one token per active row (cache rows 0..A-1) at its position."""
+    uniform = min(pos_host) == max(pos_host)
+    start = pos_host[0] if uniform else pos  # a shared position needs no mask
+    h = model.hidden(token[:, None], start, kv_len=max(pos_host) + 1, rows=slice(0, len(pos_host)))
+    return model.logits(h[:, -1])
+
+
+class EagerDecode:
+    """The model's own step, on the model's one cache, grown as calls need."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    def cache_for(self, rows: int, rows_may_join: bool) -> Tuple[KVCache, int]:
+        """(the cache a batch of `rows` rows decodes on, how many rows it must hold)."""
+        if self.model.cache is None:
+            self.model.use_cache(self.model.new_cache())
+        return self.model.cache, rows
+
+    def reserve(self, cache: KVCache, rows: int, seq_len: int) -> None:
+        """Grow `cache` (from cache_for) to rows x seq_len and decode on it."""
+        cache.reserve(rows, seq_len)
+        self.model.use_cache(cache)
+
+    def __call__(self, token: torch.Tensor, pos: torch.Tensor, pos_host: List[int]) -> torch.Tensor:
+        return eager_step(self.model, token, pos, pos_host)
+
+
+class CompiledDecode:
+    """The decode step compiled with torch.compile for static shapes (CUDA graphs on a GPU).
+
+    Each batch runs on a KV cache of its own size bucket (rows padded to a power of two, length
+    rounded to a power of two), kept across calls at fixed addresses; the step attends over the
+    whole cache with a mask and writes it in place. So each (rows, length) pair compiles once.
+    If compilation fails, a warning says why and the eager step is used from then on."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        cuda = model.device.type == "cuda"
+        self.compiled = torch.compile(self._step, mode="reduce-overhead" if cuda else None, dynamic=False)
+        self.caches: Dict[int, KVCache] = {}
+        self.broken: Optional[str] = None
+
+    def cache_for(self, rows: int, rows_may_join: bool) -> Tuple[KVCache, int]:
+        """(the static cache of this batch's bucket, its rows). rows_may_join: more rows will join
+        the batch later, so it takes the largest bucket from the start."""
+        rows = self.model.params.max_batch_size if rows_may_join else rows
+        bucket = 1 << (rows - 1).bit_length()
+        if bucket not in self.caches:
+            self.caches[bucket] = self.model.new_cache(pow2=True)
+        return self.caches[bucket], bucket
+
+    def reserve(self, cache: KVCache, rows: int, seq_len: int) -> None:
+        """Grow `cache` (from cache_for) to rows x seq_len and decode on it."""
+        before = cache.k[0]
+        cache.reserve(rows, seq_len)
+        if cache.k[0] is not before:  # new tensors: tell the compiler their addresses are fixed
+            for t in cache.k + cache.v:
+                torch._dynamo.mark_static_address(t)
+        self.model.use_cache(cache)
+
+    def _step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        h = model.hidden(token[:, None], pos, kv_len=model.cache.seq_len)  # every row of the cache
+        return model.logits(h[:, -1])
+
+    def __call__(self, token: torch.Tensor, pos: torch.Tensor, pos_host: List[int]) -> torch.Tensor:
+        if self.broken:
+            return eager_step(self.model, token, pos, pos_host)
+        n, rows = len(pos_host), self.model.cache.batch_size
+        if rows > n:  # rows that are padding or finished write at position 0 of unused cache rows
+            token = torch.cat([token, token.new_zeros(rows - n)])
+            pos = torch.cat([pos, pos.new_zeros(rows - n)])
+        try:
+            return self.compiled(token, pos)[:n].clone()  # a CUDA graph's next replay overwrites its output
+        except Exception as e:  # compilation is best effort: any failure falls back to eager
+            self.broken = f"{type(e).__name__}: {e}".splitlines()[0]
+            warnings.warn(f"compile=True: the decode step could not be compiled ({self.broken}); running eagerly")
+            return eager_step(self.model, token[:n], pos[:n], pos_host)

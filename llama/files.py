@@ -1,0 +1,91 @@
+"""The files of a checkpoint folder, whatever its layout: tensor files read by memory map, JSON
+read with errors a user can act on, md5 checklists, and a destination folder made ready for new
+weights. The lowest floor of the weights code: it knows no layout and no model."""
+
+import hashlib
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from safetensors import safe_open
+
+
+def load_shard(path: Path) -> Dict[str, torch.Tensor]:
+    """A shard's tensors, memory-mapped where the file format allows (nothing is read until used)."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip format
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"could not read checkpoint {str(path)!r}: {e}. The file is incomplete or corrupt "
+            "(an interrupted download, or an HTML error page saved in its place); download it again "
+            "(download.sh resumes and checks md5 sums)."
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    return state
+
+
+class _TorchFile:
+    """A .pth or .bin file of tensors behind the same small interface as safetensors' safe_open."""
+
+    def __init__(self, path: Path):
+        self.state = load_shard(path)
+
+    def keys(self) -> List[str]:
+        return list(self.state)
+
+    def get_slice(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
+def open_tensor_file(path: Path):
+    """A memory-mapped view of one weight file: keys(), and get_slice(name) with lazy slicing."""
+    if path.suffix == ".safetensors":
+        return safe_open(str(path), framework="pt", device="cpu")
+    return _TorchFile(path)
+
+
+def read_json(path: Path, hint: str = ""):
+    """The JSON value in `path`; a ValueError naming the file (and what to do, `hint`) if it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})" + (f"; {hint}" if hint else "")) from None
+
+
+def md5sum(path: Path) -> str:
+    """The md5 digest of a file, read in blocks (a shard may not fit in memory)."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checklist(folder: Path) -> None:
+    """checklist.chk in md5sum's format, as Meta's downloads carry it: every other file of `folder`."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "checklist.chk")
+    (folder / "checklist.chk").write_text("".join(f"{md5sum(p)}  {p.name}\n" for p in files))
+
+
+def refuse_output_files(folder: Path, suffix: str) -> None:
+    """Raise unless `folder` is missing or holds no `suffix` files: new weights never overwrite old ones."""
+    if folder.exists() and any(folder.glob(f"*{suffix}")):
+        raise FileExistsError(f"{folder} already holds {suffix} files; pass an empty or new folder")
+
+
+def copy_if_present(src_dir: Path, dst_dir: Path, name: str) -> bool:
+    """Copy src_dir/name (e.g. tokenizer.model) into dst_dir if it exists; whether it did."""
+    if not (src_dir / name).is_file():
+        return False
+    shutil.copyfile(src_dir / name, dst_dir / name)
+    return True

@@ -1,0 +1,169 @@
+"""Loading weights into a model, whatever the checkpoint's layout: the one reader interface, the
+layout dispatch, params.json checked into ModelArgs, and a rank's share placed straight into its
+Transformer. The top of the weights code: it sits on llama.checkpoint (Meta's layout) and llama.hf
+(Hugging Face's), which know nothing of each other."""
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Protocol, Tuple
+
+import torch
+from tqdm import tqdm
+
+from llama import hf
+from llama.checkpoint import ShardReader, read_params, shard_paths
+from llama.checks import check_int, is_int
+from llama.model import ModelArgs, Transformer
+
+
+class WeightReader(Protocol):
+    """Model-parallel rank `rank` of `mp_size`'s view of a checkpoint, in Meta's names, shapes and
+    rotary layout: checkpoint.ShardReader (Meta's layout) and hf.HFReader (Hugging Face's)."""
+
+    def describe(self) -> str:
+        """The files read, for messages and progress bars."""
+        ...
+
+    def keys(self) -> List[str]:
+        """The tensors the checkpoint holds, in Meta's names."""
+        ...
+
+    def vocab_rows(self) -> int:
+        """The vocabulary size of the checkpoint (rows of tok_embeddings.weight)."""
+        ...
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        """Shape of this rank's part of `key`, without reading any data."""
+        ...
+
+    def read(self, key: str, dtype: Optional[torch.dtype] = None, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        """This rank's part of `key` in `dtype` (default: as stored) on `device`."""
+        ...
+
+
+def open_checkpoint(ckpt_dir: str, rank: int, mp_size: int) -> Tuple[dict, WeightReader]:
+    """(params.json's hyper-parameters, a reader of rank's share) for a checkpoint folder in Meta's
+    layout (consolidated.NN.pth) or Hugging Face's (config.json and *.safetensors or *.bin)."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        hint = " (it is a file; pass the folder that holds it)" if folder.exists() else ""
+        raise FileNotFoundError(f"checkpoint folder not found: {str(folder)!r}{hint}")
+    if not any(folder.glob("*.pth")):
+        if hf.is_hf_dir(folder):
+            params = hf.read_config(folder)
+            return params, hf.HFReader(folder, params, rank, mp_size)
+        if not (folder / "params.json").exists():
+            raise FileNotFoundError(
+                f"{str(folder)!r} is neither a Meta checkpoint (params.json and consolidated.NN.pth, as "
+                "download.sh writes them) nor a Hugging Face one (config.json and model*.safetensors)"
+            )
+    paths = shard_paths(folder)
+    return read_params(folder), ShardReader(paths, rank, mp_size)
+
+
+def model_args(params: dict, vocab_size: int, max_seq_len: int, max_batch_size: int, where: str) -> ModelArgs:
+    """ModelArgs from params.json, checked; vocab_size comes from the tokenizer."""
+    known = {f.name for f in dataclasses.fields(ModelArgs)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown keys {unknown}")
+    for key in ("dim", "n_layers", "n_heads"):
+        if key not in params:
+            raise ValueError(f"{where} lacks {key!r}; it does not describe a Llama model")
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
+        if params.get(key) is not None:
+            check_int(f"{where}: {key}", params[key])
+    for key in ("ffn_dim_multiplier", "norm_eps", "rope_theta"):
+        value = params.get(key)
+        if value is not None and (not (is_int(value) or isinstance(value, float)) or value <= 0):
+            raise ValueError(f"{where}: {key} must be a positive number, got {value!r}")
+    args = ModelArgs(**{k: v for k, v in params.items() if k in known and k != "vocab_size"})
+    args.vocab_size, args.max_seq_len, args.max_batch_size = vocab_size, max_seq_len, max_batch_size
+    if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
+        raise ValueError(
+            f"{where}: n_heads={args.n_heads} must divide dim={args.dim} and n_kv_heads={args.n_kv_heads} "
+            "must divide n_heads"
+        )
+    return args
+
+
+def split_sizes(args: ModelArgs) -> Dict[str, int]:
+    """The sizes model parallelism splits: each must be a multiple of the degree."""
+    return {
+        "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "dim": args.dim,
+        "vocabulary size": args.vocab_size, "FFN width": args.ffn_hidden_dim,
+    }
+
+
+def check_degree(args: ModelArgs, mp_size: int) -> None:
+    """Raise, naming the degrees that would work, unless `mp_size` splits the model evenly."""
+    sizes = split_sizes(args)
+    bad = [f"{name} {value}" for name, value in sizes.items() if value % mp_size]
+    if bad:
+        works = [d for d in range(1, min(sizes.values()) + 1) if all(v % d == 0 for v in sizes.values())]
+        raise ValueError(
+            f"this model cannot be split over {mp_size} model-parallel processes ({', '.join(bad)} "
+            f"not divisible by {mp_size}); degrees that work: {', '.join(map(str, works))}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one process's share of the model goes."""
+
+    mp_rank: int  # this process's model-parallel rank
+    mp_size: int  # the model-parallel degree
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_model(
+    ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int, placement: Placement,
+    show_progress: bool = True,
+) -> Transformer:
+    """Build the Transformer for model-parallel rank `mp_rank` of `mp_size` on `device`, in `dtype`
+    (the placement), with its share of the weights of the checkpoint in `ckpt_dir` (Meta's layout
+    with any number of shards, or Hugging Face's). max_seq_len, max_batch_size: the runtime limits
+    the KV cache never grows past."""
+    folder = Path(ckpt_dir)
+    mp_rank, mp_size, dtype, device = placement.mp_rank, placement.mp_size, placement.dtype, placement.device
+    params, reader = open_checkpoint(ckpt_dir, mp_rank, mp_size)
+    args = model_args(params, vocab_size, max_seq_len, max_batch_size, str(folder / "params.json"))
+    if "tok_embeddings.weight" in reader.keys() and reader.vocab_rows() != vocab_size:
+        raise ValueError(_shape_error("tok_embeddings.weight", (reader.vocab_rows(),), (vocab_size,), vocab_size, folder))
+    check_degree(args, mp_size)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: tuple(p.shape) for k, p in model.state_dict().items()}
+    available = set(reader.keys())
+    missing = [k for k in expected if k not in available]
+    if missing:
+        raise ValueError(
+            f"{reader.describe()} in {str(folder)!r} lack(s) {len(missing)} weight(s), e.g. {missing[:3]}: "
+            "the files are not a Llama checkpoint, or params.json belongs to another model"
+        )
+    for key, want in expected.items():
+        got = reader.shape(key)
+        if got != want:
+            raise ValueError(_shape_error(key, got, want, vocab_size, folder))
+    loaded = {
+        key: reader.read(key, dtype, device)
+        for key in tqdm(expected, desc=f"loading {reader.describe()}", unit="tensor", disable=None if show_progress else True)
+    }
+    model.load_state_dict(loaded, assign=True, strict=True)
+    model.requires_grad_(False)
+    return model
+
+
+def _shape_error(key: str, got: tuple, want: tuple, vocab_size: int, folder: Path) -> str:
+    """Why a checkpoint tensor's shape differs from the model's, and what to do about it."""
+    if key in ("tok_embeddings.weight", "output.weight") and got[0] != want[0]:
+        return (
+            f"the checkpoint's vocabulary has {got[0]} tokens but the tokenizer has {vocab_size}: pass the "
+            f"tokenizer.model that came with this checkpoint ({str(folder / 'tokenizer.model')!r})"
+        )
+    return (
+        f"checkpoint tensor {key} has shape {got} but params.json describes {want}: params.json and the "
+        "shards do not belong to the same model"
+    )

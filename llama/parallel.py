@@ -1,0 +1,115 @@
+"""Model parallelism: fairscale's column- and row-parallel layers, the collectives they call, and
+how each checkpoint tensor is split over the model-parallel ranks.
+
+The Transformer in llama.model is built from these layers; it never asks which rank it is on.
+"""
+
+from typing import Optional
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import fairscale.nn.model_parallel.layers as fs_layers
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from llama.kernels import linear
+
+
+def world_size() -> int:
+    """How many model-parallel ranks share the model."""
+    return fs_init.get_model_parallel_world_size()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum x over the model-parallel group, in place."""
+    group = fs_init.get_model_parallel_group()
+    if dist.get_world_size(group=group) > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every model-parallel rank's x along the last dimension, in rank order."""
+    group = fs_init.get_model_parallel_group()
+    world = dist.get_world_size(group=group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+# fairscale's parallel layers allocate and initialise full weights in __init__ with the legacy
+# `torch.Tensor(...)` constructor, which ignores `with torch.device("meta")`. These subclasses keep
+# fairscale's weight layout (the checkpoints' sharding contract) but only declare the local shard,
+# so the model can be built on the meta device and the checkpoint's tensors assigned in place:
+# nothing is allocated twice. Their forward calls the collectives above directly: fairscale's
+# autograd wrappers serve training, and torch.compile cannot trace them.
+
+
+class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    """y = x W^T with W split by rows (output features) over the model-parallel ranks."""
+
+    def __init__(self, in_features: int, out_features: int, gather_output: bool):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.gather_output = gather_output
+        self.output_size_per_partition = out_features // world_size()
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features))
+        self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight)
+        return all_gather_last_dim(y) if self.gather_output else y
+
+
+class RowParallelLinear(fs_layers.RowParallelLinear):
+    """y = x W^T with W split by columns (input features); partial results are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.input_is_parallel = True
+        self.input_size_per_partition = in_features // world_size()
+        self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
+        self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(linear(x, self.weight))
+
+
+class ParallelEmbedding(fs_layers.ParallelEmbedding):
+    """Embedding split along the embedding dimension; the slices are all-gathered."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
+        self.scale_grad_by_freq, self.sparse, self._weight = False, False, None
+        self.embedding_dim_per_partition = embedding_dim // world_size()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, self.embedding_dim_per_partition))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return all_gather_last_dim(F.embedding(tokens, self.weight))
+
+
+# How each checkpoint tensor is split over model-parallel ranks (the dimension), None = replicated:
+# column-parallel layers split their output features (rows), row-parallel ones their input
+# features (columns), the embedding its embedding dimension.
+SHARD_DIMS = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
+
+
+def shard_dim(key: str) -> Optional[int]:
+    """The dimension along which checkpoint tensor `key` is split over ranks (None: every rank
+    holds all of it), e.g. "layers.0.attention.wq.weight" -> 0."""
+    parts = key.split(".")
+    return SHARD_DIMS.get(parts[-2]) if len(parts) >= 2 else None
+
+
+def shard_of(key: str, tensor: torch.Tensor, rank: int, mp_size: int) -> torch.Tensor:
+    """Rank `rank`'s part of the full (unsharded) checkpoint tensor `key`."""
+    dim = shard_dim(key)
+    if dim is None or mp_size == 1:
+        return tensor
+    return tensor.chunk(mp_size, dim=dim)[rank]
