@@ -38,6 +38,7 @@ class Answer:
         self.decoder = StreamDecoder(decode)
         self.piece, self.stop, self.logprobs, self.prompt_tokens = piece, list(stop), logprobs, prompt_tokens
         self.text = ""
+        self.scanned = 0  # characters of text known to hold no stop string
         self.sent = 0  # characters of text handed out
         self.tokens = 0
         self.pieces: List[str] = []
@@ -75,6 +76,8 @@ class Answer:
         )
 
     def _first_stop(self) -> Tuple[int, str]:
-        """(where the earliest stop string starts in the text, which one), or (-1, "")."""
-        found = [(i, s) for s in self.stop if (i := self.text.find(s)) >= 0]
+        """(where the earliest stop string starts in the text, which one), or (-1, ""). Only the
+        text that new characters could complete is searched, so a step costs what it added."""
+        found = [(i, s) for s in self.stop if (i := self.text.find(s, max(0, self.scanned - len(s) + 1))) >= 0]
+        self.scanned = len(self.text)
         return min(found, key=lambda f: f[0]) if found else (-1, "")

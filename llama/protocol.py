@@ -3,6 +3,7 @@
 shaped back into each API's JSON. No I/O here, so every format can be tested on its own.
 """
 
+import json
 import re
 import time
 import uuid
@@ -51,6 +52,56 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+# Reading the body ------------------------------------------------------------------------------
+
+MAX_DEPTH = 64  # nesting of objects and lists a request may have
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; clients send a handful
+MAX_STOP_LENGTH = 256  # characters per stop string
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The request's JSON, refused (400) unless it is valid JSON of at most MAX_DEPTH levels whose
+    strings are all valid Unicode (JSON can carry lone UTF-16 surrogates such as "\\ud800")."""
+    try:
+        body = json.loads(raw or b"null")
+    except RecursionError:
+        body = None
+        _too_deep()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    stack = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_DEPTH:
+            _too_deep()
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            child = (f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]").lstrip(".")
+            if isinstance(key, str):
+                _check_text(key, child)
+            stack.append((item, child, depth + 1))
+    return body
+
+
+def _too_deep():
+    raise APIError(400, f"the request body is nested more than {MAX_DEPTH} levels deep")
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        path = path.encode("utf-8", "backslashreplace").decode()  # the path itself may hold the surrogate
+        top = re.split(r"[.\[]", path, maxsplit=1)[0] or None
+        raise APIError(400, f"'{path}' holds an unpaired UTF-16 surrogate (such as \\ud800), which is not "
+                            "text; send valid Unicode", param=top) from None
+
+
 # Checking fields -------------------------------------------------------------------------------
 
 
@@ -93,7 +144,10 @@ def _stop(body: dict) -> List[str]:
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise APIError(400, f"'stop' must be a string or a list of strings, got {stop!r}", param="stop")
+        raise APIError(400, f"'stop' must be a string or a list of strings, got {stop!r}"[:300], param="stop")
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in stop):
+        raise APIError(400, f"'stop' may hold at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} "
+                            "characters each", param="stop")
     return [s for s in stop if s]
 
 

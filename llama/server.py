@@ -12,14 +12,17 @@ Needs the server extra: pip install -e '.[server]'.
 import argparse
 import asyncio
 import hmac
+import ipaddress
 import json
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
+import uuid
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Set
 
 from llama import protocol
 from llama.generation import Llama
@@ -27,73 +30,164 @@ from llama.protocol import APIError
 from llama.serving import QueueFull, Scheduler
 
 
-class State:
-    """What the HTTP handlers need; `scheduler` is None until the model is loaded."""
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+BODY_TIMEOUT_S = 30  # a body not received in this time gets 408
+DRAIN_BYTES = 64 << 20  # an oversized body is read (and dropped) up to this much, so the client sees its 413
 
-    def __init__(self, model_name: str, api_key: Optional[str]):
-        self.model_name, self.api_key = model_name, api_key
+
+class State:
+    """What the HTTP handlers need; `scheduler` is None until the model is loaded.
+
+    allowed_hosts: the names a request's Host header may give (None: any, for a server bound to a
+    public address on purpose); max_body_bytes: the largest request body read."""
+
+    def __init__(self, model_name: str, api_key: Optional[str], allowed_hosts: Optional[Set[str]] = None,
+                 max_body_bytes: int = 1 << 20, debug: bool = False):
+        self.model_name, self.api_key, self.allowed_hosts = model_name, api_key, allowed_hosts
+        self.max_body_bytes, self.debug = max_body_bytes, debug
         self.scheduler = None
         self.tokenizer = None
         self.max_seq_len = 0
 
 
+def allowed_hosts(host: str, extra: Sequence[str]) -> Optional[Set[str]]:
+    """The Host names a server bound to `host` answers: the loopback names for a loopback address,
+    plus `extra`; None (any) for a public address bound with no --allowed_hosts."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not extra:
+        return None
+    return LOOPBACK_NAMES | {host} | {h.lower() for h in extra}
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header without its port: "[::1]:8000" -> "::1", "a.b:80" -> "a.b"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 def create_app(state: State):
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     def error(e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
-    def authorized(request) -> bool:
-        if not state.api_key:
-            return True
-        given = request.headers.get("authorization", "")
-        given = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        return hmac.compare_digest(given.encode(), state.api_key.encode())
+    def gate(request, auth: bool = True) -> None:
+        """Raise the APIError of a request from an unexpected Host or without the API key."""
+        if state.allowed_hosts is not None and host_name(request.headers.get("host", "")) not in state.allowed_hosts:
+            raise APIError(421, "this server does not answer for that Host; start it with --allowed_hosts NAME "
+                                "to serve that name", type="invalid_request_error", code="misdirected_request")
+        if auth and state.api_key:
+            given = request.headers.get("authorization", "")
+            given = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), state.api_key.encode()):
+                raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>' "
+                                    "(or 'x-api-key: <key>')", code="invalid_api_key")
+
+    def endpoint(handler: Callable, auth: bool = True) -> Callable:
+        """A route: the gate first; any unexpected exception answers a JSON 500 with a request id
+        (and one log line) instead of a traceback and a dropped connection."""
+        async def route(request):
+            try:
+                gate(request, auth)
+                return await handler(request)
+            except APIError as e:
+                return error(e)
+            except ClientDisconnect:  # it went away while sending: nobody reads an answer
+                return Response(status_code=499)
+            except Exception as e:  # a bug of ours: never the client's fault, never a plain-text 500
+                rid = uuid.uuid4().hex[:12]
+                print(f"llama.server: request {rid} ({request.method} {request.url.path}) failed: "
+                      f"{type(e).__name__}: {e}", file=sys.stderr)
+                if state.debug:
+                    traceback.print_exc()
+                return error(APIError(500, f"internal server error (request id {rid}; see the server's log)",
+                                      type="server_error", code=rid))
+        return route
+
+    async def read_body(request) -> bytes:
+        """The body, if it is JSON (415), arrives in time (408) and is not too large (413)."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise APIError(415, f"send the request body as JSON with 'Content-Type: application/json' (got "
+                                f"{kind or 'none'!r})", type="invalid_request_error")
+        limit, chunks, size = state.max_body_bytes, [], 0
+
+        async def receive():
+            nonlocal size
+            async for chunk in request.stream():  # ClientDisconnect if the client hangs up: see endpoint()
+                size += len(chunk)
+                if size <= limit:
+                    chunks.append(chunk)
+                elif size > DRAIN_BYTES:
+                    break
+
+        try:
+            await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_S} s") from None
+        if size > limit:
+            raise APIError(413, f"the request body is {size} bytes, more than this server's limit of {limit} "
+                                "(start it with a larger --max_request_mb)", code="request_too_large")
+        return b"".join(chunks)
+
+    def job_of(raw: bytes, parse: Callable):
+        """Decode, check and tokenize a request (CPU work: run off the event loop)."""
+        return parse(protocol.parse_json_body(raw), state.tokenizer, state.max_seq_len)
 
     async def serve(request, parse: Callable):
-        if not authorized(request):
-            return error(APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                  code="invalid_api_key"))
         if state.scheduler is None:
-            return error(APIError(503, "the model is loading; try again shortly", type="unavailable_error"))
+            raise APIError(503, "the model is loading; try again shortly", type="unavailable_error")
+        raw = await read_body(request)
+        job = await run_in_threadpool(job_of, raw, parse)
         try:
-            body = json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error(APIError(400, f"the request body is not valid JSON: {e}"))
-        try:
-            job = parse(body, state.tokenizer, state.max_seq_len)
             handle = state.scheduler.submit(job, asyncio.get_running_loop())
-        except APIError as e:
-            return error(e)
         except QueueFull:
-            return error(APIError(503, "the server is busy: too many requests are waiting; retry later",
-                                  type="unavailable_error", code="queue_full"))
+            raise APIError(503, "the server is busy: too many requests are waiting; retry later",
+                           type="unavailable_error", code="queue_full") from None
         if job.stream:
-            return StreamingResponse(events(request, handle), media_type="text/event-stream")
+            return StreamingResponse(events(handle), media_type="text/event-stream")
         result = await wait(request, handle)
+        if result is None:  # the client went away: nobody reads this
+            return Response(status_code=499)
         if isinstance(result, APIError):
             return error(result)
         return JSONResponse(protocol.completion_response(job, result, state.model_name))
 
+    async def disconnected(request) -> None:
+        """Returns when the client hangs up (the body has been read: the next message says so)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     async def wait(request, handle):
-        """The job's Result, or an APIError; None if the client went away."""
-        while True:
-            try:
-                kind, value = await asyncio.wait_for(handle.events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
+        """The job's Result, or an APIError; None if the client went away (the job is cancelled)."""
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            while True:
+                event = asyncio.ensure_future(handle.events.get())
+                await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
                     handle.cancelled = True
                     return None
-                continue
-            if kind == "done":
-                return value
-            if kind == "error":
-                return APIError(500, value, type="server_error")
+                kind, value = event.result()
+                if kind == "done":
+                    return value
+                if kind == "error":
+                    return APIError(500, value, type="server_error")
+        finally:
+            gone.cancel()
 
-    async def events(request, handle):
+    async def events(handle):
         """Server-sent events: a chunk per piece of text, the last with the finish reason."""
         job, first, finished = handle.job, True, False
         try:
@@ -126,8 +220,6 @@ def create_app(state: State):
         return await serve(request, protocol.parse_infill)
 
     async def models(request):
-        if not authorized(request):
-            return error(APIError(401, "invalid or missing API key", code="invalid_api_key"))
         return JSONResponse({"object": "list", "data": [
             {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "meta"}]})
 
@@ -150,12 +242,12 @@ def create_app(state: State):
                               type="invalid_request_error"))
 
     routes = [
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/infill", infill, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/stats", stats, methods=["GET"]),
+        Route("/v1/completions", endpoint(completions), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
+        Route("/infill", endpoint(infill), methods=["POST"]),
+        Route("/v1/models", endpoint(models), methods=["GET"]),
+        Route("/health", endpoint(health, auth=False), methods=["GET"]),
+        Route("/stats", endpoint(stats), methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
@@ -164,7 +256,11 @@ def start_http(app, host: str, port: int):
     """uvicorn on a background thread; returns the server once it listens (exits if it cannot)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    # Idle keep-alive connections close after 5 s; at shutdown, connections still open (a client
+    # that sent half a body and went silent) are dropped after 3 s.
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()
     while not server.started:
@@ -184,7 +280,14 @@ def main(argv=None) -> None:
     parser.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together")
     parser.add_argument("--max_queue", type=int, default=64, help="waiting requests beyond which 503 is answered")
     parser.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("LLAMA_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $LLAMA_API_KEY)")
+                        help="require 'Authorization: Bearer KEY' or 'x-api-key: KEY' on every endpoint but "
+                             "/health (default: $LLAMA_API_KEY)")
+    parser.add_argument("--allowed_hosts", nargs="*", default=[],
+                        help="Host names to answer besides the bound address (others get 421; a server bound "
+                             "to a public address with none given answers any)")
+    parser.add_argument("--max_request_mb", type=float, default=None,
+                        help="largest request body (413 beyond); default: room for a prompt of max_seq_len")
+    parser.add_argument("--debug", action="store_true", help="log tracebacks of internal errors")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--compile", action="store_true", help="compile the decode step (see README)")
     a = parser.parse_args(argv)
@@ -194,8 +297,13 @@ def main(argv=None) -> None:
     except ImportError:
         sys.exit("llama.server needs its extra: pip install -e '.[server]'")
 
+    if a.api_key is not None and not a.api_key.strip():
+        sys.exit("llama.server: the API key is empty (--api-key or LLAMA_API_KEY); give a real key, or leave "
+                 "both unset to serve without one")
+    max_mb = a.max_request_mb if a.max_request_mb is not None else max(1.0, a.max_seq_len * 64 / 2**20)
     rank = int(os.environ.get("RANK", 0))
-    state = State(Path(a.ckpt_dir).resolve().name, a.api_key)
+    state = State(Path(a.ckpt_dir).resolve().name, a.api_key, allowed_hosts(a.host, a.allowed_hosts),
+                  int(max_mb * 2**20), a.debug)
     server = thread = None
     if rank == 0:
         server, thread = start_http(create_app(state), a.host, a.port)
@@ -218,7 +326,7 @@ def main(argv=None) -> None:
     scheduler.loop()
     if thread is not None:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=5)
 
 
 if __name__ == "__main__":

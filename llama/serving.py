@@ -11,9 +11,8 @@ import asyncio
 import queue
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Dict, Optional, Set
 
 import torch
 import torch.distributed as dist
@@ -146,6 +145,7 @@ class Scheduler:
         for key, t in self.texts.items():
             if t.handle.cancelled and key not in self.leaving:
                 self.stats.cancelled += 1
+                print(f"llama.server: request {t.handle.job.id} cancelled: the client went away", file=sys.stderr)
                 self.leaving.add(key)
         leave = sorted(self.leaving & set(batch.keys))
         for key in self.leaving:

@@ -3,13 +3,10 @@
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -18,42 +15,10 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-ROOT = Path(__file__).resolve().parent.parent
-KEY = "test-secret"
+from servers import KEY, free_port, output, start, stop  # noqa: E402
+
 PROMPTS = ["def fibonacci(n: int) -> int:", "import os", "The quick brown fox", "x", "for i in range(10):",
            "SELECT name FROM users", "class Stack:", "Hello world"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd, port, env=None) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not become ready")
-
-
-def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> int:
-    os.killpg(proc.pid, sig)
-    try:
-        return proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +36,15 @@ def client(server):
 
 
 def post(server, path, body, key=KEY, **kw):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     return httpx.post(f"{server}{path}", content=json.dumps(body) if not isinstance(body, str) else body,
                       headers=headers, timeout=60, **kw)
+
+
+def stats(server) -> dict:
+    r = httpx.get(f"{server}/stats", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    return r.json()
 
 
 def expected_tokens(generator, tokens, n):
@@ -202,7 +173,7 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(server, client, path,
 
 def test_concurrent_clients_share_batches(server, client, generator):
     """Eight clients at once: each gets its own answer, and requests were decoded together."""
-    before = httpx.get(f"{server}/stats").json()
+    before = stats(server)
     barrier = threading.Barrier(8)
 
     def ask(prompt):
@@ -212,7 +183,7 @@ def test_concurrent_clients_share_batches(server, client, generator):
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, PROMPTS))
     assert answers == [expected_completion(generator, p, 24) for p in PROMPTS]
-    after = httpx.get(f"{server}/stats").json()
+    after = stats(server)
 
     def shared_steps(stats):  # decode steps that ran several requests' rows together
         return sum(n for rows, n in stats["steps_by_batch_size"].items() if int(rows) > 1)
@@ -222,17 +193,17 @@ def test_concurrent_clients_share_batches(server, client, generator):
 
 
 def test_client_hanging_up_frees_its_row(server, client):
-    before = httpx.get(f"{server}/stats").json()["cancelled"]
+    before = stats(server)["cancelled"]
     with httpx.stream("POST", f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"prompt": "import os", "max_tokens": 240, "temperature": 0, "stream": True,
                             "stop": ["\x00never"]}) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
     deadline = time.time() + 10
-    while httpx.get(f"{server}/stats").json()["cancelled"] == before and time.time() < deadline:
+    while stats(server)["cancelled"] == before and time.time() < deadline:
         time.sleep(0.05)
-    stats = httpx.get(f"{server}/stats").json()
-    assert stats["cancelled"] == before + 1 and stats["running"] == 0
+    after = stats(server)
+    assert after["cancelled"] == before + 1 and after["running"] == 0
     assert client.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=0).choices
 
 
@@ -291,5 +262,5 @@ def test_model_parallel_server_under_torchrun(tiny_mp2_dir, generator):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
-    out = proc.stdout.read()
+    out = output(proc)
     assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out, out[-2000:]  # the ranks exit cleanly
