@@ -6,6 +6,7 @@ Writes a random checkpoint (1.6 GB with the defaults, bfloat16 like Meta's) once
 processes, alternating the methods:
 - ours: Llama.build (model declared on the meta device, shards memory-mapped, tensors placed
   straight into the model's dtype);
+- checked: the same with check_weights=True (every weight checked finite as it is loaded);
 - plain: torch.load the shard into memory, build the model with allocated weights, load_state_dict.
 Peak memory is the child's peak resident set (VmHWM, Linux) minus that of a child that only imports.
 """
@@ -30,8 +31,8 @@ import torch
 from llama import Llama
 method, ckpt, dtype = sys.argv[1:4]
 start = time.perf_counter()
-if method == "ours":
-    g = Llama.build(ckpt, ckpt + "/tokenizer.model", 256, 1, device="cpu", dtype=dtype)
+if method in ("ours", "checked"):
+    g = Llama.build(ckpt, ckpt + "/tokenizer.model", 256, 1, device="cpu", dtype=dtype, check_weights=method == "checked")
 elif method == "plain":
     from llama import distributed
     from llama.checkpoint import read_params
@@ -54,7 +55,7 @@ def peak_mb():
 
 built = peak_mb()
 if method != "none":
-    (g.model if method == "ours" else model).forward(torch.tensor([[1, 2, 3]]), 0)  # touches every weight
+    (model if method == "plain" else g.model).forward(torch.tensor([[1, 2, 3]]), 0)  # touches every weight
 print(json.dumps({{"seconds": seconds, "built_mb": built, "forward_mb": peak_mb()}}))
 """
 
@@ -80,7 +81,7 @@ def main():
         print("| dtype | method | build time (s) | peak host memory above imports, after build (MB) | ... after a first forward (MB) |")
         print("|---|---|---|---|---|")
         for dtype in ("bfloat16", "float32"):
-            runs = {"ours": [], "plain": []}
+            runs = {"ours": [], "checked": [], "plain": []}
             for _ in range(a.repeat):
                 for method in runs:
                     runs[method].append(child(method, ckpt, dtype))

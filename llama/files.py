@@ -15,7 +15,8 @@ from safetensors import safe_open
 
 
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:
-    """A shard's tensors, memory-mapped where the file format allows (nothing is read until used)."""
+    """A shard's tensors, memory-mapped where the file format allows (nothing is read until used).
+    Pickled objects other than tensors are refused, never run (torch.load's weights_only)."""
     try:
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -23,7 +24,15 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
             if "mmap" not in str(e):
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip format
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        if isinstance(e, PermissionError):
+            raise
+        if _refused_global(e):
+            raise ValueError(
+                f"{str(path)!r} holds objects other than tensors; refusing to run code from a checkpoint. "
+                "Use a file of tensors only: the checkpoint as its publisher made it, or, if you trust this "
+                "file, its state dict of tensors saved alone."
+            ) from None
         raise ValueError(
             f"could not read checkpoint {str(path)!r}: {e}. The file is incomplete or corrupt "
             "(an interrupted download, or an HTML error page saved in its place); download it again "
@@ -31,7 +40,20 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
         ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{str(path)!r} holds {key!r}, a {type(value).__name__}, where a tensor belongs: a checkpoint "
+                "file is a flat state dict of tensors (a training checkpoint keeps them under a key such as "
+                "'model'; save that state dict alone)"
+            )
     return state
+
+
+def _refused_global(e: Exception) -> bool:
+    """Whether torch.load(weights_only=True) refused a pickled class or function (a GLOBAL), as
+    opposed to failing on a damaged file."""
+    return "Weights only load failed" in str(e) and "GLOBAL" in str(e)
 
 
 class _TorchFile:
@@ -69,6 +91,15 @@ def md5sum(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def checklist_names(folder: Path) -> List[str]:
+    """The file names that folder/checklist.chk (md5sum's format) lists; none without one."""
+    path = folder / "checklist.chk"
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    return [parts[1].strip().lstrip("*") for parts in (line.split(maxsplit=1) for line in lines) if len(parts) == 2]
 
 
 def write_checklist(folder: Path) -> None:

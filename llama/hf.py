@@ -32,6 +32,7 @@ META_TO_HF = {
     "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
 }
 HF_TO_META = {hf: meta for meta, hf in META_TO_HF.items()}
+UNUSED_SUFFIXES = ("rotary_emb.inv_freq",)  # rotary buffers older checkpoints carry; Meta's layout has none
 
 
 def _rename(name: str, table: Dict[str, str]) -> Optional[str]:
@@ -173,6 +174,12 @@ class HFReader:
         self.n_heads, self.n_kv_heads = params["n_heads"], params["n_kv_heads"]
         self.files = weight_files(folder)
         self.names = {m: name for name in self.files if (m := meta_name(name)) is not None}
+        unknown = sorted(n for n in self.files if meta_name(n) is None and not n.endswith(UNUSED_SUFFIXES))
+        if unknown:
+            raise ValueError(
+                f"{folder} holds {len(unknown)} tensor(s) that are not part of a Llama model, e.g. {unknown[:3]}: "
+                "only LlamaForCausalLM's own weights (unquantized, without adapters) can be loaded"
+            )
         self._handles: Dict[Path, object] = {}
 
     def describe(self) -> str:
@@ -200,6 +207,9 @@ class HFReader:
         if dim is not None:
             shape[dim] //= self.mp_size
         return tuple(shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._slice(key)[0:0].dtype  # an empty slice: the stored dtype, no data read
 
     def read(self, key: str, dtype: Optional[torch.dtype] = None, device: torch.device = torch.device("cpu")) -> torch.Tensor:
         dim, full = shard_dim(key), self._full_shape(key)

@@ -12,9 +12,10 @@ import torch
 from tqdm import tqdm
 
 from llama import hf
-from llama.checkpoint import ShardReader, read_params, shard_paths
+from llama.checkpoint import UNUSED_KEYS, ShardReader, read_params, shard_paths
 from llama.checks import check_int, is_int
 from llama.model import ModelArgs, Transformer
+from llama.parallel import shard_dim
 
 
 class WeightReader(Protocol):
@@ -37,18 +38,28 @@ class WeightReader(Protocol):
         """Shape of this rank's part of `key`, without reading any data."""
         ...
 
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype `key` is stored in, without reading any data."""
+        ...
+
     def read(self, key: str, dtype: Optional[torch.dtype] = None, device: torch.device = torch.device("cpu")) -> torch.Tensor:
         """This rank's part of `key` in `dtype` (default: as stored) on `device`."""
         ...
 
 
-def open_checkpoint(ckpt_dir: str, rank: int, mp_size: int) -> Tuple[dict, WeightReader]:
-    """(params.json's hyper-parameters, a reader of rank's share) for a checkpoint folder in Meta's
-    layout (consolidated.NN.pth) or Hugging Face's (config.json and *.safetensors or *.bin)."""
+def checkpoint_folder(ckpt_dir: str) -> Path:
+    """The checkpoint folder `ckpt_dir`, which must exist (checked before anything is read from it)."""
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         hint = " (it is a file; pass the folder that holds it)" if folder.exists() else ""
         raise FileNotFoundError(f"checkpoint folder not found: {str(folder)!r}{hint}")
+    return folder
+
+
+def open_checkpoint(ckpt_dir: str, rank: int, mp_size: int) -> Tuple[dict, WeightReader]:
+    """(params.json's hyper-parameters, a reader of rank's share) for a checkpoint folder in Meta's
+    layout (consolidated.NN.pth) or Hugging Face's (config.json and *.safetensors or *.bin)."""
+    folder = checkpoint_folder(ckpt_dir)
     if not any(folder.glob("*.pth")):
         if hf.is_hf_dir(folder):
             params = hf.read_config(folder)
@@ -120,18 +131,21 @@ class Placement:
 
 def load_model(
     ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int, placement: Placement,
-    show_progress: bool = True,
+    show_progress: bool = True, check_weights: bool = False,
 ) -> Transformer:
     """Build the Transformer for model-parallel rank `mp_rank` of `mp_size` on `device`, in `dtype`
     (the placement), with its share of the weights of the checkpoint in `ckpt_dir` (Meta's layout
     with any number of shards, or Hugging Face's). max_seq_len, max_batch_size: the runtime limits
-    the KV cache never grows past."""
+    the KV cache never grows past. check_weights: also check that every weight is finite (a pass
+    over each as it is loaded)."""
     folder = Path(ckpt_dir)
     mp_rank, mp_size, dtype, device = placement.mp_rank, placement.mp_size, placement.dtype, placement.device
     params, reader = open_checkpoint(ckpt_dir, mp_rank, mp_size)
     args = model_args(params, vocab_size, max_seq_len, max_batch_size, str(folder / "params.json"))
     if "tok_embeddings.weight" in reader.keys() and reader.vocab_rows() != vocab_size:
         raise ValueError(_shape_error("tok_embeddings.weight", (reader.vocab_rows(),), (vocab_size,), vocab_size, folder))
+    if isinstance(reader, ShardReader):
+        reader.check_complete(args.dim)
     check_degree(args, mp_size)
     with torch.device("meta"):
         model = Transformer(args)
@@ -143,27 +157,62 @@ def load_model(
             f"{reader.describe()} in {str(folder)!r} lack(s) {len(missing)} weight(s), e.g. {missing[:3]}: "
             "the files are not a Llama checkpoint, or params.json belongs to another model"
         )
+    unused = sorted(available - set(expected) - set(UNUSED_KEYS))
+    if unused:
+        raise ValueError(
+            f"{reader.describe()} in {str(folder)!r} hold(s) {len(unused)} weight(s) that the model params.json "
+            f"describes (n_layers={args.n_layers}) does not use, e.g. {unused[:3]}: params.json belongs to another "
+            "model, or the files hold more than a Llama's weights"
+        )
+    stored = {}
     for key, want in expected.items():
         got = reader.shape(key)
         if got != want:
-            raise ValueError(_shape_error(key, got, want, vocab_size, folder))
-    loaded = {
-        key: reader.read(key, dtype, device)
-        for key in tqdm(expected, desc=f"loading {reader.describe()}", unit="tensor", disable=None if show_progress else True)
-    }
+            raise ValueError(_shape_error(key, got, want, vocab_size, folder, reader.describe()))
+        stored[key] = reader.dtype(key)
+        if not stored[key].is_floating_point:
+            raise ValueError(
+                f"checkpoint tensor {key} is {stored[key]}, not floating point: {reader.describe()} in "
+                f"{str(folder)!r} do not hold Llama weights as Meta and Hugging Face store them (bfloat16, "
+                "float16 or float32)"
+            )
+    loaded = {}
+    for key in tqdm(expected, desc=f"loading {reader.describe()}", unit="tensor", disable=None if show_progress else True):
+        loaded[key] = reader.read(key, dtype, device)
+        if check_weights:
+            check_finite(key, loaded[key], stored[key], folder)
     model.load_state_dict(loaded, assign=True, strict=True)
     model.requires_grad_(False)
     return model
 
 
-def _shape_error(key: str, got: tuple, want: tuple, vocab_size: int, folder: Path) -> str:
+def check_finite(key: str, tensor: torch.Tensor, stored: torch.dtype, folder: Path) -> None:
+    """Raise unless every value of the loaded weight `key` is finite: one pass for its least and
+    greatest values (a NaN anywhere makes both NaN), no copy, one wait for the device."""
+    low, high = torch.aminmax(tensor)
+    if low.isfinite() & high.isfinite():
+        return
+    narrowed = torch.finfo(tensor.dtype).max < torch.finfo(stored).max
+    hint = (f"; or its {stored} values exceed {tensor.dtype}'s range: build with dtype bfloat16 or float32"
+            if narrowed else "")
+    raise ValueError(
+        f"checkpoint tensor {key} in {str(folder)!r} holds NaN or infinite values once loaded as {tensor.dtype}: "
+        f"the weights are damaged (by a failed training run or conversion); download them again{hint}"
+    )
+
+
+def _shape_error(key: str, got: tuple, want: tuple, vocab_size: int, folder: Path, files: str = "") -> str:
     """Why a checkpoint tensor's shape differs from the model's, and what to do about it."""
     if key in ("tok_embeddings.weight", "output.weight") and got[0] != want[0]:
         return (
             f"the checkpoint's vocabulary has {got[0]} tokens but the tokenizer has {vocab_size}: pass the "
             f"tokenizer.model that came with this checkpoint ({str(folder / 'tokenizer.model')!r})"
         )
+    dim, hint = shard_dim(key), ""
+    if dim is not None and len(got) == len(want) and 0 < got[dim] < want[dim] and want[dim] % got[dim] == 0 and (
+            got[:dim] + got[dim + 1:] == want[:dim] + want[dim + 1:]):
+        hint = f"; or shards are missing (the checkpoint has {want[dim] // got[dim]} times as many as {files})"
     return (
         f"checkpoint tensor {key} has shape {got} but params.json describes {want}: params.json and the "
-        "shards do not belong to the same model"
+        f"shards do not belong to the same model{hint}"
     )

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from llama import Llama
 from llama.tiny import train_tokenizer
@@ -56,6 +58,37 @@ def build(ckpt_dir, tokenizer_path=None, **kw):
 def copy_dir(tiny_dir, tmp_path):
     """A private copy of tiny_dir to damage."""
     return Path(shutil.copytree(tiny_dir, tmp_path / "ckpt"))
+
+
+@pytest.fixture
+def copy_mp2_dir(tiny_mp2_dir, tmp_path):
+    """A private copy of tiny_mp2_dir (two shards, with their checklist.chk) to damage."""
+    return Path(shutil.copytree(tiny_mp2_dir, tmp_path / "ckpt_mp2"))
+
+
+def edit_shard(path, **changes):
+    """Rewrite the shard at `path` with some tensors replaced (None: removed)."""
+    state = torch.load(path, weights_only=True)
+    for key, value in changes.items():
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+    torch.save(state, path)
+
+
+class NotATensor:
+    """A pickled object that a checkpoint must not hold."""
+
+
+class RunsCode:
+    """Unpickling it creates a file: what a malicious checkpoint does."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
 
 
 def edit_params(folder, **changes):
@@ -147,6 +180,164 @@ def test_build_tokenizer_of_another_model(copy_dir):
     train_tokenizer(other, vocab_size=400)
     with fails(ValueError, "tokenizer", "vocabulary"):
         build(copy_dir, other)
+
+
+def test_build_missing_ckpt_dir_and_tokenizer(tmp_path):
+    """The folder is named as missing, not its tokenizer.model."""
+    missing = tmp_path / "CodeLlama-7b"
+    with fails(FileNotFoundError, "checkpoint folder not found", str(missing)):
+        build(missing, missing / "tokenizer.model")
+
+
+def test_build_params_with_fewer_layers(copy_dir):
+    """n_layers=1 against a 2-layer checkpoint: the second layer's 9 weights would be dropped."""
+    edit_params(copy_dir, n_layers=1)
+    with fails(ValueError, "9 weight(s)", "does not use", "layers.1.", "params.json"):
+        build(copy_dir)
+
+
+def test_build_hf_config_with_fewer_layers(hf_dir, tmp_path):
+    folder = Path(shutil.copytree(hf_dir, tmp_path / "hf"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with fails(ValueError, "9 weight(s)", "does not use", "layers.1."):
+        build(folder)
+
+
+def add_hf_tensor(folder, name):
+    """Add one tensor `name` to the Hugging Face checkpoint in `folder`, in a file of its own."""
+    save_file({name: torch.zeros(4)}, str(folder / "extra.safetensors"))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"][name] = "extra.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_build_hf_tensor_of_no_llama(hf_dir, tmp_path):
+    folder = Path(shutil.copytree(hf_dir, tmp_path / "hf"))
+    add_hf_tensor(folder, "model.layers.0.self_attn.q_proj.lora_A.weight")
+    with fails(ValueError, "1 tensor(s)", "not part of a Llama model", "lora_A"):
+        build(folder)
+
+
+def test_build_hf_rotary_buffers_are_allowed(hf_dir, tmp_path):
+    """Older Hugging Face checkpoints carry rotary_emb.inv_freq, which no model reads (as Meta's
+    carry rope.freqs, which tiny_dir has)."""
+    folder = Path(shutil.copytree(hf_dir, tmp_path / "hf"))
+    add_hf_tensor(folder, "model.layers.0.self_attn.rotary_emb.inv_freq")
+    assert greedy(build(folder)) == greedy(build(hf_dir))
+
+
+def test_build_missing_shard_listed_in_checklist(copy_mp2_dir):
+    """Reported as missing, not as shapes that params.json does not describe."""
+    (copy_mp2_dir / "consolidated.01.pth").unlink()
+    with fails(FileNotFoundError, "consolidated.01.pth is missing", "checklist.chk", "download"):
+        build(copy_mp2_dir)
+
+
+def test_build_missing_shard_without_checklist(copy_mp2_dir):
+    """Without checklist.chk the embedding's width tells how many shards the checkpoint has."""
+    (copy_mp2_dir / "consolidated.01.pth").unlink()
+    (copy_mp2_dir / "checklist.chk").unlink()
+    with fails(FileNotFoundError, "consolidated.01.pth is missing", "split into 2 shards"):
+        build(copy_mp2_dir)
+
+
+def test_build_gap_in_shard_numbers(copy_mp2_dir):
+    """consolidated.00.pth and .02.pth (01 missing) must not load as a 2-shard checkpoint."""
+    (copy_mp2_dir / "consolidated.01.pth").rename(copy_mp2_dir / "consolidated.02.pth")
+    (copy_mp2_dir / "checklist.chk").unlink()
+    with fails(FileNotFoundError, "consolidated.01.pth is missing", "3 shards"):
+        build(copy_mp2_dir)
+
+
+def test_build_pth_file_that_is_no_shard(copy_dir):
+    shutil.copyfile(copy_dir / "consolidated.00.pth", copy_dir / "consolidated.00 (1).pth")
+    with fails(ValueError, "'consolidated.00 (1).pth'", "not a shard name", "move it out"):
+        build(copy_dir)
+
+
+def test_build_shard_not_in_checklist(copy_dir):
+    shutil.copyfile(copy_dir / "consolidated.00.pth", copy_dir / "consolidated.01.pth")
+    with fails(ValueError, "consolidated.01.pth", "not in its checklist.chk"):
+        build(copy_dir)
+
+
+def test_build_shards_holding_different_tensors(copy_mp2_dir):
+    edit_shard(copy_mp2_dir / "consolidated.01.pth", **{"layers.1.ffn_norm.weight": None})
+    with fails(ValueError, "consolidated.01.pth", "different tensors"):
+        build(copy_mp2_dir)
+
+
+@pytest.mark.parametrize("obj", [NotATensor(), "runs code"])
+def test_build_shard_with_pickled_objects(copy_dir, obj):
+    """Refused (never run) and named as such, not as a damaged download."""
+    marker = copy_dir / "ran.txt"
+    obj = RunsCode(marker) if obj == "runs code" else obj
+    edit_shard(copy_dir / "consolidated.00.pth", **{"x": obj})
+    with fails(ValueError, "consolidated.00.pth", "holds objects other than tensors",
+               "refusing to run code from a checkpoint") as info:
+        build(copy_dir)
+    assert "corrupt" not in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "html"])
+def test_build_damaged_shard_is_not_called_unsafe(copy_dir, damage):
+    shard = copy_dir / "consolidated.00.pth"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:5000])
+    else:
+        shard.write_text("<!DOCTYPE html><html><body>Access denied</body></html>\n")
+    with fails(ValueError, "incomplete or corrupt", "download it again") as info:
+        build(copy_dir)
+    assert "other than tensors" not in str(info.value)
+
+
+def test_build_training_checkpoint_with_nested_state(copy_dir):
+    shard = copy_dir / "consolidated.00.pth"
+    torch.save({"model": torch.load(shard, weights_only=True), "step": 1000}, shard)
+    with fails(ValueError, "'model', a dict", "flat state dict of tensors"):
+        build(copy_dir)
+
+
+def test_build_integer_weights(copy_dir):
+    shard = copy_dir / "consolidated.00.pth"
+    wq = torch.load(shard, weights_only=True)["layers.0.attention.wq.weight"]
+    edit_shard(shard, **{"layers.0.attention.wq.weight": wq.round().to(torch.int64)})
+    with fails(ValueError, "layers.0.attention.wq.weight", "torch.int64", "not floating point"):
+        build(copy_dir)
+
+
+def test_build_integer_weights_in_one_shard(copy_mp2_dir):
+    shard = copy_mp2_dir / "consolidated.01.pth"
+    wq = torch.load(shard, weights_only=True)["layers.0.attention.wq.weight"]
+    edit_shard(shard, **{"layers.0.attention.wq.weight": wq.to(torch.int64)})
+    with fails(ValueError, "layers.0.attention.wq.weight", "torch.int64", "do not match"):
+        build(copy_mp2_dir)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "all nan"])
+def test_build_non_finite_weights(copy_dir, bad):
+    """Found by Llama.build(check_weights=True), which names the tensor."""
+    shard = copy_dir / "consolidated.00.pth"
+    w2 = torch.load(shard, weights_only=True)["layers.1.feed_forward.w2.weight"].clone()
+    if bad == "all nan":
+        w2.fill_(float("nan"))
+    else:
+        w2[3, 5] = bad
+    edit_shard(shard, **{"layers.1.feed_forward.w2.weight": w2})
+    with fails(ValueError, "layers.1.feed_forward.w2.weight", "NaN or infinite", "download them again"):
+        build(copy_dir, check_weights=True)
+
+
+def test_build_weights_beyond_float16s_range(copy_dir):
+    shard = copy_dir / "consolidated.00.pth"
+    norm = torch.load(shard, weights_only=True)["norm.weight"].clone()
+    norm[0] = 1e6  # a bfloat16 that float16 cannot hold
+    edit_shard(shard, **{"norm.weight": norm})
+    build(copy_dir, dtype="bfloat16", check_weights=True)
+    with fails(ValueError, "norm.weight", "float16", "exceed", "bfloat16 or float32"):
+        build(copy_dir, dtype="float16", check_weights=True)
 
 
 def test_build_model_parallel_size_not_dividing_world(tiny_dir):
