@@ -5,10 +5,11 @@ weights. The lowest floor of the weights code: it knows no layout and no model."
 import hashlib
 import json
 import pickle
+import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from safetensors import safe_open
@@ -120,3 +121,13 @@ def copy_if_present(src_dir: Path, dst_dir: Path, name: str) -> bool:
         return False
     shutil.copyfile(src_dir / name, dst_dir / name)
     return True
+
+
+def rename(name: str, table: Dict[str, str]) -> Optional[str]:
+    """`name` translated by a table of tensor names in which "{i}" stands for a layer index, e.g.
+    "layers.3.attention.wq.weight" -> "blk.3.attn_q.weight"; None if the table lacks it."""
+    m = re.search(r"\.(\d+)\.", name)
+    if m:
+        pattern = name.replace(m.group(0), ".{i}.", 1)
+        return table[pattern].format(i=m.group(1)) if pattern in table else None
+    return table.get(name)

@@ -33,6 +33,7 @@ from llama.loading import Placement, checkpoint_folder, load_model
 from llama.model import Transformer
 from llama.sampling import SamplingParams
 from llama.tokenizer import Tokenizer
+from llama.vocabulary import load_tokenizer
 
 # Compatibility: the reference defines these names in llama.generation, and scripts written for it
 # import them from here. Each lives with its concern (prompt formats, sampling) and is re-exported
@@ -65,9 +66,9 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
-        max_seq_len: int,
-        max_batch_size: int,
+        tokenizer_path: Optional[str] = None,
+        max_seq_len: int = 4096,
+        max_batch_size: int = 4,
         model_parallel_size: Optional[int] = None,
         *,
         dtype: Union[None, str, torch.dtype] = None,
@@ -81,8 +82,10 @@ class Llama:
 
         Args:
             ckpt_dir: folder with params.json and one consolidated.NN.pth per model-parallel rank.
-            tokenizer_path: the checkpoint's tokenizer.model.
-            max_seq_len: longest prompt + generation, in tokens.
+            tokenizer_path: the checkpoint's tokenizer.model; None: the tokenizer the checkpoint
+                folder carries.
+            max_seq_len: longest prompt + generation, in tokens (the KV cache grows with the
+                requests, so a large value costs nothing until it is used).
             max_batch_size: most prompts run together; longer lists are served in batches.
             model_parallel_size: defaults to the number of processes (torchrun's WORLD_SIZE).
             dtype: torch dtype or its name; default bfloat16 on CUDA (float16 without bf16 support),
@@ -107,7 +110,7 @@ class Llama:
         device = distributed.resolve_device(device)
         dtype = distributed.resolve_dtype(dtype, device)
         mp_size = distributed.setup_model_parallel(model_parallel_size, device)
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path, ckpt_dir)
         placement = Placement(fs_init.get_model_parallel_rank(), mp_size, dtype, device)
         model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, placement,
                            show_progress=distributed.is_main_process(), check_weights=check_weights)

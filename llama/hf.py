@@ -6,13 +6,12 @@ in a "rotate half" order: within each head, the first halves of Meta's interleav
 rotary pairs come first, then the second halves.
 """
 
-import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from llama.files import open_tensor_file, read_json
+from llama.files import open_tensor_file, read_json, rename
 from llama.model import ModelArgs
 from llama.parallel import shard_dim
 
@@ -35,22 +34,14 @@ HF_TO_META = {hf: meta for meta, hf in META_TO_HF.items()}
 UNUSED_SUFFIXES = ("rotary_emb.inv_freq",)  # rotary buffers older checkpoints carry; Meta's layout has none
 
 
-def _rename(name: str, table: Dict[str, str]) -> Optional[str]:
-    m = re.search(r"\.(\d+)\.", name)
-    if m:
-        pattern = name.replace(m.group(0), ".{i}.", 1)
-        return table[pattern].format(i=m.group(1)) if pattern in table else None
-    return table.get(name)
-
-
 def hf_name(meta_name: str) -> Optional[str]:
     """Hugging Face name of a Meta checkpoint key (None for keys HF has no use for, e.g. rope.freqs)."""
-    return _rename(meta_name, META_TO_HF)
+    return rename(meta_name, META_TO_HF)
 
 
 def meta_name(hf_name: str) -> Optional[str]:
     """Meta name of a Hugging Face key (None for keys Meta's layout lacks, e.g. rotary buffers)."""
-    return _rename(hf_name, HF_TO_META)
+    return rename(hf_name, HF_TO_META)
 
 
 def to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
