@@ -1,6 +1,6 @@
-"""The files of a checkpoint folder, whatever its layout: tensor files read by memory map, JSON
-read with errors a user can act on, md5 checklists, and a destination folder made ready for new
-weights. The lowest floor of the weights code: it knows no layout and no model."""
+"""The files of a checkpoint folder, whatever its layout: tensor and GGUF files read by memory map,
+JSON read with errors a user can act on, md5 checklists, and a destination folder made ready for
+new weights. The lowest floor of the weights code: it knows no layout and no model."""
 
 import hashlib
 import json
@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import gguf
 import torch
 from safetensors import safe_open
 
@@ -75,6 +76,20 @@ def open_tensor_file(path: Path):
     if path.suffix == ".safetensors":
         return safe_open(str(path), framework="pt", device="cpu")
     return _TorchFile(path)
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """A memory-mapped view of a GGUF file (llama.cpp's format): its metadata fields and tensor
+    list, no tensor data read. A damaged file is a ValueError naming it, never a numpy traceback."""
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, OSError) as e:
+        if isinstance(e, (PermissionError, FileNotFoundError)):
+            raise
+        raise ValueError(
+            f"could not read GGUF file {str(path)!r} ({e}): the file is incomplete or corrupt (an interrupted "
+            "download, or an HTML error page saved in its place); download it again"
+        ) from None
 
 
 def read_json(path: Path, hint: str = ""):

@@ -1,11 +1,20 @@
 """Prompt formats: pure functions from text to token lists.
 
-These formats are facts about how the models were trained; every token must match.
+These formats are facts about how the models were trained; every token must match. Code Llama's
+are built in (completion, infilling, the Llama-2 [INST] chat and the 70B <step> turns); a model
+whose tokenizer carries a chat template (a GGUF's or tokenizer.json's) chats in that template,
+rendered as transformers renders it.
 """
 
-from typing import List, Literal, Sequence, TypedDict
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, Dict, List, Literal, Sequence, TypedDict
 
-from llama.tokenizer import Tokenizer
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from llama.tokenizer import TokenizerProtocol
 
 Role = Literal["system", "user", "assistant"]
 
@@ -30,13 +39,13 @@ UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 ROLES = ("system", "user", "assistant")
 
 
-def completion_prompt_tokens(tokenizer: Tokenizer, prompt: str) -> List[int]:
-    """BOS + the prompt."""
-    return tokenizer.encode(prompt, bos=True, eos=False)
+def completion_prompt_tokens(tokenizer: TokenizerProtocol, prompt: str) -> List[int]:
+    """BOS (if the model's prompts start with one: Code Llama's do) + the prompt."""
+    return tokenizer.encode(prompt, bos=tokenizer.add_bos, eos=False)
 
 
 def infilling_prompt_tokens(
-    tokenizer: Tokenizer, prefix: str, suffix: str, suffix_first: bool = False
+    tokenizer: TokenizerProtocol, prefix: str, suffix: str, suffix_first: bool = False
 ) -> List[int]:
     """Fill-in-the-middle prompt; the model writes the middle and ends it with <EOT>.
 
@@ -94,7 +103,14 @@ def has_special_tags(dialog: Dialog) -> bool:
     return any(tag in msg["content"] for msg in dialog for tag in SPECIAL_TAGS)
 
 
-def llama2_dialog_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
+def refuses_dialog(tokenizer: TokenizerProtocol, dialog: Dialog) -> bool:
+    """True if a Code Llama chat format would refuse `dialog` (UNSAFE_ERROR, as the reference does):
+    it smuggles in [INST], <<SYS>> or <step>. A model's own chat template takes the messages as
+    given, as transformers does."""
+    return tokenizer.chat_template is None and has_special_tags(dialog)
+
+
+def llama2_dialog_prompt_tokens(tokenizer: TokenizerProtocol, dialog: Dialog) -> List[int]:
     """Llama-2 instruct format:
     BOS [INST] {user} [/INST] {answer} EOS ... BOS [INST] {last user} [/INST]
     A system message is folded into the first user message between <<SYS>> markers."""
@@ -110,7 +126,7 @@ def llama2_dialog_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[in
     return tokens
 
 
-def dialog_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
+def dialog_prompt_tokens(tokenizer: TokenizerProtocol, dialog: Dialog) -> List[int]:
     """70B turn format (tokenizers with a <step> piece), for the messages exactly as given. Each
     message is " Source: {role}[\\nDestination: {destination}]", then "\\n\\n {content}" if any,
     then <step>; the reply starts with " Source: assistant\\nDestination: user" and "\\n\\n ".
@@ -132,9 +148,61 @@ def dialog_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     return tokens
 
 
-def chat_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
-    """The dialog in the format of the model that `tokenizer` belongs to. The 70B format starts
-    with a system message: an empty one is put first if the dialog has none."""
+def template_variables(tokenizer: TokenizerProtocol) -> Dict[str, str]:
+    """The special tokens a chat template may write, by the names transformers gives them."""
+    ids = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id}
+    return {name: tokenizer.token_piece(i) for name, i in ids.items() if i is not None and i >= 0}
+
+
+@lru_cache(maxsize=8)
+def compile_chat_template(template: str) -> jinja2.Template:
+    """A chat template compiled as transformers compiles it: sandboxed, trim_blocks and lstrip_blocks,
+    loop controls, `raise_exception`, `strftime_now` and a `tojson` that keeps non-ASCII text."""
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise ValueError(
+            f"the model's chat template is not valid Jinja ({e}); fix or replace the checkpoint's template"
+        ) from None
+
+
+def render_chat_template(template: str, dialog: Dialog, **variables: Any) -> str:
+    """The text of `dialog` in `template`, with the assistant's turn opened (add_generation_prompt)."""
+    messages = [dict(msg) for msg in dialog]
+    try:
+        return compile_chat_template(template).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=True, **variables
+        )
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the model's chat template refused the dialog: {e}") from None
+
+
+def template_dialog_prompt_tokens(tokenizer: TokenizerProtocol, dialog: Dialog) -> List[int]:
+    """The dialog rendered in the tokenizer's chat template, encoded as is: the template writes BOS
+    if the model wants one, and the special tokens it writes (<|im_start|>) become their ids."""
+    check_dialog(dialog)
+    text = render_chat_template(tokenizer.chat_template, dialog, **template_variables(tokenizer))
+    return tokenizer.encode(text, bos=False, eos=False)
+
+
+def chat_prompt_tokens(tokenizer: TokenizerProtocol, dialog: Dialog) -> List[int]:
+    """The dialog in the format of the model that `tokenizer` belongs to: its chat template if it
+    carries one (Code Llama's sentencepiece tokenizers carry none), else the 70B format if it has a
+    <step> piece, else Llama-2's [INST] format. The 70B format starts with a system message: an
+    empty one is put first if the dialog has none."""
+    if tokenizer.chat_template is not None:
+        return template_dialog_prompt_tokens(tokenizer, dialog)
     if tokenizer.step_id is not None:
         check_dialog(dialog)
         if dialog[0]["role"] != "system":
@@ -143,12 +211,15 @@ def chat_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     return llama2_dialog_prompt_tokens(tokenizer, dialog)
 
 
-def chat_stop_ids(tokenizer: Tokenizer) -> List[int]:
-    """Tokens that end an assistant answer: <step> in the 70B format, EOS in both."""
+def chat_stop_ids(tokenizer: TokenizerProtocol) -> List[int]:
+    """Tokens that end an assistant answer: EOS in every format; also <step> in the 70B format, and
+    the end-of-turn token (<|im_end|>) in a chat template."""
+    if tokenizer.chat_template is not None and tokenizer.eot_id not in (None, tokenizer.eos_id):
+        return [tokenizer.eot_id, tokenizer.eos_id]
     return [tokenizer.step_id, tokenizer.eos_id] if tokenizer.step_id is not None else [tokenizer.eos_id]
 
 
-def infilling_stop_ids(tokenizer: Tokenizer) -> List[int]:
+def infilling_stop_ids(tokenizer: TokenizerProtocol) -> List[int]:
     """Tokens that end an infilled middle: <EOT>, and EOS should the model ever emit it."""
     return [tokenizer.eot_id, tokenizer.eos_id]
 

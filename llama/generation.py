@@ -25,14 +25,14 @@ from llama.formats import (
     check_dialog,
     check_texts,
     completion_prompt_tokens,
-    has_special_tags,
+    refuses_dialog,
     infilling_prompt_tokens,
     infilling_stop_ids,
 )
 from llama.loading import Placement, checkpoint_folder, load_model
 from llama.model import Transformer
 from llama.sampling import SamplingParams
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import TokenizerProtocol
 from llama.vocabulary import load_tokenizer
 
 # Compatibility: the reference defines these names in llama.generation, and scripts written for it
@@ -78,10 +78,14 @@ class Llama:
         prefill_chunk_size: int = 2048,
         check_weights: bool = False,
     ) -> "Llama":
-        """Load a checkpoint in Meta's layout (params.json, consolidated.NN.pth, tokenizer.model).
+        """Load a checkpoint in Meta's layout (params.json, consolidated.NN.pth, tokenizer.model),
+        Hugging Face's (config.json, model*.safetensors) or llama.cpp's (one .gguf file).
 
         Args:
-            ckpt_dir: folder with params.json and one consolidated.NN.pth per model-parallel rank.
+            ckpt_dir: folder with params.json and consolidated.NN.pth shards (any number: each rank
+                reads its slice), or with config.json and model*.safetensors, or a .gguf file (or a
+                folder holding exactly one). GGUF tensors may be quantized (Q4_0 ... Q8_0, K-quants):
+                they are dequantized into `dtype` as they load.
             tokenizer_path: the checkpoint's tokenizer.model; None: the tokenizer the checkpoint
                 folder carries.
             max_seq_len: longest prompt + generation, in tokens (the KV cache grows with the
@@ -99,7 +103,7 @@ class Llama:
             check_weights: check that every weight is finite as it is loaded, and name the first NaN
                 or infinite one (off by default: it adds about 10% to a float32 load on CPU).
         Returns:
-            a Llama generator; `.model` is the Transformer, `.tokenizer` the Tokenizer, `.engine`
+            a Llama generator; `.model` is the Transformer, `.tokenizer` the tokenizer, `.engine`
             the Engine that runs prompts on them.
         """
         check_int("max_seq_len", max_seq_len)
@@ -119,7 +123,7 @@ class Llama:
         return Llama(model, tokenizer, seed=seed, compile=compile, prefill_chunk_size=prefill_chunk_size)
 
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False,
+        self, model: Transformer, tokenizer: TokenizerProtocol, seed: int = 1, compile: bool = False,
         prefill_chunk_size: int = 2048,
     ):
         self.model = model
@@ -206,8 +210,9 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
     ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant: the Llama-2 [INST] format, or the 70B turn format when
-        the tokenizer has a <step> piece (then answers also carry "destination": "user")."""
+        """Answer each dialog as the assistant, in the model's chat format: the chat template its
+        checkpoint carries, else the 70B turn format when the tokenizer has a <step> piece (then
+        answers also carry "destination": "user"), else the Llama-2 [INST] format."""
         params = SamplingParams(temperature, top_p, max_gen_len, logprobs)
         if not isinstance(dialogs, (list, tuple)):
             raise TypeError(f"dialogs must be a list of dialogs, not {type(dialogs).__name__}")
@@ -217,7 +222,7 @@ class Llama:
         gens = self.engine.complete(prompt_tokens, params, chat_stop_ids(self.tokenizer))
         results = []
         for dialog, g in zip(dialogs, gens):
-            content = UNSAFE_ERROR if has_special_tags(dialog) else self.tokenizer.decode(g.tokens)
+            content = UNSAFE_ERROR if refuses_dialog(self.tokenizer, dialog) else self.tokenizer.decode(g.tokens)
             message = {"role": "assistant", "content": content}
             if self.tokenizer.step_id is not None:
                 message["destination"] = "user"
@@ -258,7 +263,7 @@ class Llama:
         params = SamplingParams(temperature, top_p, max_gen_len)
         check_dialog(dialog)
         tokens = chat_prompt_tokens(self.tokenizer, dialog)
-        if has_special_tags(dialog):
+        if refuses_dialog(self.tokenizer, dialog):
             self.engine.check_prompts([tokens])
             return iter([UNSAFE_ERROR])
         return self._stream(tokens, params, chat_stop_ids(self.tokenizer), self.tokenizer.decode)

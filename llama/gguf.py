@@ -1,5 +1,5 @@
-"""The GGUF layout of Llama weights (llama.cpp's single-file format): tensor names, and how they
-map to Meta's.
+"""The GGUF layout of Llama weights (llama.cpp's single-file format): tensor names and how they
+map to Meta's, hyper-parameters from the file's metadata, and a reader of one rank's share.
 
 llama.cpp's converters store the query and key rows in Meta's interleaved rotary order (they undo
 Hugging Face's "rotate half" order when converting), so a GGUF's q/k rows need no reordering here.
@@ -7,9 +7,16 @@ GGUF lists a tensor's shape fastest dimension first; numpy views of its data are
 as in Meta's checkpoints.
 """
 
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional, Tuple
 
-from llama.files import rename
+import gguf
+import numpy as np
+import torch
+
+from llama.files import open_gguf, rename
+from llama.hf import ffn_params
+from llama.parallel import shard_bounds, shard_shape
 
 # Meta name -> GGUF name; {i} is the layer index.
 META_TO_GGUF = {
@@ -37,3 +44,140 @@ def gguf_name(meta_name: str) -> Optional[str]:
 def meta_name(gguf_name: str) -> Optional[str]:
     """Meta name of a GGUF tensor (None for tensors Meta's layout lacks, e.g. rope_freqs.weight)."""
     return rename(gguf_name, GGUF_TO_META)
+
+
+# Reading the GGUF layout ---------------------------------------------------------------------
+
+GGMLType = gguf.GGMLQuantizationType
+# Stored tensor type -> the dtype its values are read in: float types as they are, quantized
+# blocks dequantized (by gguf.quants) to float32.
+VALUE_DTYPES = {
+    GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16,
+    **{GGMLType[name]: torch.float32 for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
+                                                  "Q5_K", "Q6_K")},
+}
+REQUIRED_FIELDS = ("llama.embedding_length", "llama.block_count", "llama.attention.head_count",
+                   "llama.feed_forward_length")
+UNUSED_TENSORS = {  # GGUF tensors with no place in Meta's Llama, and why they cannot be ignored
+    "rope_freqs.weight": "rotary frequency factors (Llama 3.1's rope scaling), which this model does not apply",
+}
+
+
+def read_params(file: gguf.GGUFReader, path: Path) -> dict:
+    """Meta's params.json for the model a GGUF file's metadata describes (as hf.read_config does
+    for a config.json); the vocabulary size comes from the tokenizer."""
+    def field(key: str, default=None):
+        return file.fields[key].contents() if key in file.fields else default
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ValueError(
+            f"{str(path)!r} holds a {arch!r} model (general.architecture); only Llama models (architecture "
+            "'llama', such as Code Llama's GGUF files) are supported"
+        )
+    if field("llama.expert_count", 0):
+        raise ValueError(f"{str(path)!r} holds a mixture of experts ({field('llama.expert_count')} experts); "
+                         "only dense Llama models are supported")
+    scaling = field("llama.rope.scaling.type", "linear" if "llama.rope.scale_linear" in file.fields else "none")
+    if scaling != "none" and field("llama.rope.scaling.factor", field("llama.rope.scale_linear", 1.0)) != 1.0:
+        raise ValueError(f"{str(path)!r}: rotary scaling {scaling!r} is not supported")
+    missing = [key for key in REQUIRED_FIELDS if key not in file.fields]
+    if missing:
+        raise ValueError(f"{str(path)!r}'s metadata lacks {', '.join(missing)}: the file is not a complete Llama "
+                         "GGUF; download it again")
+    dim, n_heads = field("llama.embedding_length"), field("llama.attention.head_count")
+    n_kv_heads = field("llama.attention.head_count_kv", n_heads)
+    if isinstance(n_heads, list) or isinstance(n_kv_heads, list):
+        raise ValueError(f"{str(path)!r}: per-layer head counts are not supported")
+    rotary = field("llama.rope.dimension_count", dim // n_heads)
+    if rotary != dim // n_heads:
+        raise ValueError(f"{str(path)!r}: rotary embeddings over {rotary} of each head's {dim // n_heads} "
+                         "dimensions are not supported")
+    multiple_of, multiplier = ffn_params(dim, field("llama.feed_forward_length"))
+    return {
+        "dim": dim,
+        "n_layers": field("llama.block_count"),
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "multiple_of": multiple_of,
+        "ffn_dim_multiplier": multiplier,
+        "norm_eps": field("llama.attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": field("llama.rope.freq_base", 10000.0),
+    }
+
+
+def float_values(raw: np.ndarray, qtype: GGMLType) -> torch.Tensor:
+    """The values of GGUF tensor bytes (whole blocks of each row; rows first), in a new tensor."""
+    if qtype == GGMLType.F32:
+        return torch.from_numpy(np.array(raw.view(np.float32)))
+    if qtype == GGMLType.F16:
+        return torch.from_numpy(np.array(raw.view(np.float16)))
+    if qtype == GGMLType.BF16:
+        return torch.from_numpy(np.array(raw.view(np.int16))).view(torch.bfloat16)
+    return torch.from_numpy(gguf.quants.dequantize(np.ascontiguousarray(raw), qtype))
+
+
+class GGUFWeightReader:
+    """Model-parallel rank `rank` of `mp_size`'s view of a GGUF file, in Meta's names and shapes
+    (loading.WeightReader). The file is memory-mapped; each tensor is sliced for the rank before
+    its blocks are dequantized where the blocks allow (rows always, columns on block boundaries).
+    Without output.weight, the output layer is the input embedding (tied), split by rows."""
+
+    def __init__(self, path: Path, rank: int, mp_size: int):
+        self.path, self.rank, self.mp_size = path, rank, mp_size
+        self.file = open_gguf(path)
+        if self.file.byte_order != "I":
+            raise ValueError(f"{str(path)!r} is a big-endian GGUF file; only little-endian ones are supported")
+        self.tensors = {meta_name(t.name): t for t in self.file.tensors if meta_name(t.name) is not None}
+        unknown = [t.name for t in self.file.tensors if meta_name(t.name) is None]
+        if unknown:
+            why = UNUSED_TENSORS.get(unknown[0], "not part of a Llama model")
+            raise ValueError(f"{str(path)!r} holds {len(unknown)} tensor(s) that cannot be loaded, e.g. "
+                             f"{unknown[0]} ({why})")
+        if "output.weight" not in self.tensors and "tok_embeddings.weight" in self.tensors:
+            self.tensors["output.weight"] = self.tensors["tok_embeddings.weight"]
+
+    def params(self) -> dict:
+        """Meta's params.json for the model the file's metadata describes."""
+        return read_params(self.file, self.path)
+
+    def describe(self) -> str:
+        return self.path.name
+
+    def keys(self) -> List[str]:
+        return list(self.tensors)
+
+    def _full_shape(self, key: str) -> Tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self.tensors[key].shape))
+
+    def vocab_rows(self) -> int:
+        return self._full_shape("tok_embeddings.weight")[0]
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return shard_shape(key, self._full_shape(key), self.mp_size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype `key`'s values have once read: float32 for quantized blocks."""
+        qtype = self.tensors[key].tensor_type
+        if qtype not in VALUE_DTYPES:
+            raise ValueError(
+                f"GGUF tensor {self.tensors[key].name} in {str(self.path)!r} is stored as {qtype.name}, which "
+                f"cannot be read; supported types: {', '.join(q.name for q in VALUE_DTYPES)}. Use a GGUF file "
+                "quantized to one of them (e.g. Q4_K_M, Q8_0)"
+            )
+        return VALUE_DTYPES[qtype]
+
+    def read(self, key: str, dtype: Optional[torch.dtype] = None, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        tensor, stored = self.tensors[key], self.dtype(key)
+        dim, lo, hi = shard_bounds(key, self._full_shape(key), self.rank, self.mp_size)
+        block, size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+        raw = tensor.data.view(np.uint8)  # (rows, bytes of each row), memory-mapped
+        columns = slice(None)
+        if dim == 0:
+            raw = raw[lo:hi]
+        elif dim == 1 and lo % block == 0 and hi % block == 0:
+            raw = raw[:, lo // block * size:hi // block * size]
+        elif dim == 1:  # the rank's columns cut through blocks: dequantize whole rows, then slice
+            columns = slice(lo, hi)
+        values = float_values(raw, tensor.tensor_type)[..., columns]
+        return values.to(device=device, dtype=dtype or stored).contiguous()

@@ -13,7 +13,7 @@ import torch
 
 from llama.files import open_tensor_file, read_json, rename
 from llama.model import ModelArgs
-from llama.parallel import shard_dim
+from llama.parallel import shard_bounds, shard_shape
 
 # Meta name -> Hugging Face name; {i} is the layer index.
 META_TO_HF = {
@@ -90,7 +90,14 @@ def hf_config(args: ModelArgs, max_position_embeddings: int = 16384) -> dict:
 
 
 def is_hf_dir(folder: Path) -> bool:
+    """Whether `folder` holds a Hugging Face checkpoint (its config.json)."""
     return (folder / "config.json").is_file()
+
+
+def tied_embeddings(folder: Path) -> bool:
+    """Whether config.json ties the output layer (lm_head) to the input embedding, as small models
+    do (transformers' default for Llama: untied)."""
+    return bool(read_json(folder / "config.json").get("tie_word_embeddings", False))
 
 
 def ffn_params(dim: int, width: int) -> Tuple[int, Optional[float]]:
@@ -115,8 +122,6 @@ def read_config(folder: Path) -> dict:
     rope = config.get("rope_scaling") or (config.get("rope_parameters") or {})
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ValueError(f"{path}: rotary scaling {rope!r} is not supported")
-    if config.get("tie_word_embeddings"):
-        raise ValueError(f"{path}: tied input and output embeddings are not supported")
     try:
         dim, width = config["hidden_size"], config["intermediate_size"]
         multiple_of, multiplier = ffn_params(dim, width)
@@ -158,7 +163,8 @@ def weight_files(folder: Path) -> Dict[str, Path]:
 class HFReader:
     """Model-parallel rank `rank` of `mp_size`'s view of a Hugging Face checkpoint, in Meta's names,
     shapes and rotary layout (loading.WeightReader, as checkpoint.ShardReader). Each tensor is sliced
-    for the rank before it is read; the q/k rows are put back into Meta's interleaved order."""
+    for the rank before it is read; the q/k rows are put back into Meta's interleaved order. With
+    tie_word_embeddings, the output layer is the input embedding, split by rows."""
 
     def __init__(self, folder: Path, params: dict, rank: int, mp_size: int):
         self.folder, self.rank, self.mp_size = folder, rank, mp_size
@@ -170,6 +176,13 @@ class HFReader:
             raise ValueError(
                 f"{folder} holds {len(unknown)} tensor(s) that are not part of a Llama model, e.g. {unknown[:3]}: "
                 "only LlamaForCausalLM's own weights (unquantized, without adapters) can be loaded"
+            )
+        if tied_embeddings(folder) and "tok_embeddings.weight" in self.names:
+            self.names["output.weight"] = self.names["tok_embeddings.weight"]  # read again, split by rows
+        elif "output.weight" not in self.names and "tok_embeddings.weight" in self.names:
+            raise ValueError(
+                f"{folder} lacks lm_head.weight (the output layer), and its config.json does not tie it to the input "
+                "embedding (tie_word_embeddings is false): the download is incomplete; download the weights again"
             )
         self._handles: Dict[Path, object] = {}
 
@@ -193,23 +206,17 @@ class HFReader:
         return self._full_shape("tok_embeddings.weight")[0]
 
     def shape(self, key: str) -> Tuple[int, ...]:
-        shape = list(self._full_shape(key))
-        dim = shard_dim(key)
-        if dim is not None:
-            shape[dim] //= self.mp_size
-        return tuple(shape)
+        return shard_shape(key, self._full_shape(key), self.mp_size)
 
     def dtype(self, key: str) -> torch.dtype:
         return self._slice(key)[0:0].dtype  # an empty slice: the stored dtype, no data read
 
     def read(self, key: str, dtype: Optional[torch.dtype] = None, device: torch.device = torch.device("cpu")) -> torch.Tensor:
-        dim, full = shard_dim(key), self._full_shape(key)
+        dim, lo, hi = shard_bounds(key, self._full_shape(key), self.rank, self.mp_size)
         s = self._slice(key)
         if dim is None:
             t = s[:]
         else:
-            n = full[dim] // self.mp_size
-            lo, hi = self.rank * n, (self.rank + 1) * n
             t = s[lo:hi] if dim == 0 else s[:, lo:hi]
         heads = {"attention.wq.weight": self.n_heads, "attention.wk.weight": self.n_kv_heads}
         for suffix, n_heads in heads.items():

@@ -1,7 +1,7 @@
 """Loading weights into a model, whatever the checkpoint's layout: the one reader interface, the
 layout dispatch, params.json checked into ModelArgs, and a rank's share placed straight into its
-Transformer. The top of the weights code: it sits on llama.checkpoint (Meta's layout) and llama.hf
-(Hugging Face's), which know nothing of each other."""
+Transformer. The top of the weights code: it sits on llama.checkpoint (Meta's layout), llama.hf
+(Hugging Face's) and llama.gguf (llama.cpp's), which know nothing of each other."""
 
 import dataclasses
 import warnings
@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Protocol, Tuple
 import torch
 from tqdm import tqdm
 
-from llama import hf
+from llama import gguf, hf
 from llama.checkpoint import UNUSED_KEYS, ShardReader, read_params, shard_paths
 from llama.checks import check_int, is_int
 from llama.model import ModelArgs, Transformer
@@ -20,7 +20,8 @@ from llama.parallel import shard_dim
 
 class WeightReader(Protocol):
     """Model-parallel rank `rank` of `mp_size`'s view of a checkpoint, in Meta's names, shapes and
-    rotary layout: checkpoint.ShardReader (Meta's layout) and hf.HFReader (Hugging Face's)."""
+    rotary layout: checkpoint.ShardReader (Meta's layout), hf.HFReader (Hugging Face's) and
+    gguf.GGUFWeightReader (llama.cpp's)."""
 
     def describe(self) -> str:
         """The files read, for messages and progress bars."""
@@ -48,29 +49,66 @@ class WeightReader(Protocol):
 
 
 def checkpoint_folder(ckpt_dir: str) -> Path:
-    """The checkpoint folder `ckpt_dir`, which must exist (checked before anything is read from it)."""
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        hint = " (it is a file; pass the folder that holds it)" if folder.exists() else ""
-        raise FileNotFoundError(f"checkpoint folder not found: {str(folder)!r}{hint}")
-    return folder
+    """The folder of the checkpoint `ckpt_dir` names (a folder, or a .gguf file in one), which must
+    exist (checked before anything is read from it)."""
+    path = Path(ckpt_dir)
+    if path.suffix == ".gguf" and path.is_file():
+        return path.parent
+    if not path.is_dir():
+        hint = " (it is a file; pass the folder that holds it, or a .gguf file)" if path.exists() else ""
+        what = "file" if path.suffix == ".gguf" else "folder"
+        raise FileNotFoundError(f"checkpoint {what} not found: {str(path)!r}{hint}")
+    return path
 
 
-def open_checkpoint(ckpt_dir: str, rank: int, mp_size: int) -> Tuple[dict, WeightReader]:
-    """(params.json's hyper-parameters, a reader of rank's share) for a checkpoint folder in Meta's
-    layout (consolidated.NN.pth) or Hugging Face's (config.json and *.safetensors or *.bin)."""
+def gguf_file(ckpt_dir: str) -> Optional[Path]:
+    """The GGUF file `ckpt_dir` is, or the one a folder of no other weights holds; None for Meta's
+    and Hugging Face's layouts. A folder of several .gguf files is an error listing them."""
+    path = Path(ckpt_dir)
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    if any(path.glob("*.pth")) or any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ValueError(
+            f"{str(path)!r} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}); pass the path of "
+            "the one to load as ckpt_dir"
+        )
+    return found[0] if found else None
+
+
+def params_file(ckpt_dir: str) -> Path:
+    """The file the hyper-parameters of the checkpoint `ckpt_dir` names come from, which tells its
+    layout: a .gguf file (llama.cpp's), config.json (Hugging Face's) or params.json (Meta's)."""
     folder = checkpoint_folder(ckpt_dir)
+    path = gguf_file(ckpt_dir)
+    if path is not None:
+        return path
     if not any(folder.glob("*.pth")):
         if hf.is_hf_dir(folder):
-            params = hf.read_config(folder)
-            return params, hf.HFReader(folder, params, rank, mp_size)
+            return folder / "config.json"
         if not (folder / "params.json").exists():
             raise FileNotFoundError(
                 f"{str(folder)!r} is neither a Meta checkpoint (params.json and consolidated.NN.pth, as "
-                "download.sh writes them) nor a Hugging Face one (config.json and model*.safetensors)"
+                "download.sh writes them) nor a Hugging Face one (config.json and model*.safetensors), and "
+                "holds no .gguf file"
             )
-    paths = shard_paths(folder)
-    return read_params(folder), ShardReader(paths, rank, mp_size)
+    return folder / "params.json"
+
+
+def open_checkpoint(ckpt_dir: str, rank: int, mp_size: int) -> Tuple[dict, WeightReader]:
+    """(params.json's hyper-parameters, a reader of rank's share) for a checkpoint in Meta's layout
+    (consolidated.NN.pth), Hugging Face's (config.json and *.safetensors or *.bin) or llama.cpp's (a
+    .gguf file, or a folder holding one)."""
+    source = params_file(ckpt_dir)
+    if source.suffix == ".gguf":
+        reader = gguf.GGUFWeightReader(source, rank, mp_size)
+        return reader.params(), reader
+    if source.name == "config.json":
+        params = hf.read_config(source.parent)
+        return params, hf.HFReader(source.parent, params, rank, mp_size)
+    return read_params(source.parent), ShardReader(shard_paths(source.parent), rank, mp_size)
 
 
 def model_args(params: dict, vocab_size: int, max_seq_len: int, max_batch_size: int, where: str) -> ModelArgs:
@@ -135,15 +173,17 @@ def load_model(
 ) -> Transformer:
     """Build the Transformer for model-parallel rank `mp_rank` of `mp_size` on `device`, in `dtype`
     (the placement), with its share of the weights of the checkpoint in `ckpt_dir` (Meta's layout
-    with any number of shards, or Hugging Face's). max_seq_len, max_batch_size: the runtime limits
-    the KV cache never grows past. check_weights: also check that every weight is finite (a pass
-    over each as it is loaded)."""
-    folder = Path(ckpt_dir)
+    with any number of shards, Hugging Face's, or a GGUF file). max_seq_len, max_batch_size: the
+    runtime limits the KV cache never grows past. check_weights: also check that every weight is
+    finite (a pass over each as it is loaded)."""
     mp_rank, mp_size, dtype, device = placement.mp_rank, placement.mp_size, placement.dtype, placement.device
     params, reader = open_checkpoint(ckpt_dir, mp_rank, mp_size)
-    args = model_args(params, vocab_size, max_seq_len, max_batch_size, str(folder / "params.json"))
+    source = params_file(ckpt_dir)
+    folder = source.parent
+    args = model_args(params, vocab_size, max_seq_len, max_batch_size, str(source))
     if "tok_embeddings.weight" in reader.keys() and reader.vocab_rows() != vocab_size:
-        raise ValueError(_shape_error("tok_embeddings.weight", (reader.vocab_rows(),), (vocab_size,), vocab_size, folder))
+        rows = reader.vocab_rows()
+        raise ValueError(_shape_error("tok_embeddings.weight", (rows,), (vocab_size,), vocab_size, source))
     if isinstance(reader, ShardReader):
         reader.check_complete(args.dim)
     check_degree(args, mp_size)
@@ -155,20 +195,20 @@ def load_model(
     if missing:
         raise ValueError(
             f"{reader.describe()} in {str(folder)!r} lack(s) {len(missing)} weight(s), e.g. {missing[:3]}: "
-            "the files are not a Llama checkpoint, or params.json belongs to another model"
+            f"the files are not a Llama checkpoint, or {source.name} belongs to another model"
         )
     unused = sorted(available - set(expected) - set(UNUSED_KEYS))
     if unused:
         raise ValueError(
-            f"{reader.describe()} in {str(folder)!r} hold(s) {len(unused)} weight(s) that the model params.json "
-            f"describes (n_layers={args.n_layers}) does not use, e.g. {unused[:3]}: params.json belongs to another "
+            f"{reader.describe()} in {str(folder)!r} hold(s) {len(unused)} weight(s) that the model {source.name} "
+            f"describes (n_layers={args.n_layers}) does not use, e.g. {unused[:3]}: {source.name} belongs to another "
             "model, or the files hold more than a Llama's weights"
         )
     stored = {}
     for key, want in expected.items():
         got = reader.shape(key)
         if got != want:
-            raise ValueError(_shape_error(key, got, want, vocab_size, folder, reader.describe()))
+            raise ValueError(_shape_error(key, got, want, vocab_size, source, reader.describe()))
         stored[key] = reader.dtype(key)
         if not stored[key].is_floating_point:
             raise ValueError(
@@ -201,18 +241,19 @@ def check_finite(key: str, tensor: torch.Tensor, stored: torch.dtype, folder: Pa
     )
 
 
-def _shape_error(key: str, got: tuple, want: tuple, vocab_size: int, folder: Path, files: str = "") -> str:
-    """Why a checkpoint tensor's shape differs from the model's, and what to do about it."""
+def _shape_error(key: str, got: tuple, want: tuple, vocab_size: int, source: Path, files: str = "") -> str:
+    """Why a checkpoint tensor's shape differs from the model's (whose hyper-parameters come from
+    `source`), and what to do about it."""
     if key in ("tok_embeddings.weight", "output.weight") and got[0] != want[0]:
-        return (
-            f"the checkpoint's vocabulary has {got[0]} tokens but the tokenizer has {vocab_size}: pass the "
-            f"tokenizer.model that came with this checkpoint ({str(folder / 'tokenizer.model')!r})"
-        )
+        fix = (f"use the vocabulary that {str(source)!r} carries (leave tokenizer_path out); if it is the one "
+               "used, the file is damaged: download it again" if source.suffix == ".gguf" else
+               f"pass the tokenizer.model that came with this checkpoint ({str(source.parent / 'tokenizer.model')!r})")
+        return f"the checkpoint's vocabulary has {got[0]} tokens but the tokenizer has {vocab_size}: {fix}"
     dim, hint = shard_dim(key), ""
     if dim is not None and len(got) == len(want) and 0 < got[dim] < want[dim] and want[dim] % got[dim] == 0 and (
             got[:dim] + got[dim + 1:] == want[:dim] + want[dim + 1:]):
         hint = f"; or shards are missing (the checkpoint has {want[dim] // got[dim]} times as many as {files})"
     return (
-        f"checkpoint tensor {key} has shape {got} but params.json describes {want}: params.json and the "
-        f"shards do not belong to the same model{hint}"
+        f"checkpoint tensor {key} has shape {got} but {source.name} describes {want}: {source.name} and the "
+        f"weights do not belong to the same model{hint}"
     )

@@ -4,7 +4,7 @@ how each checkpoint tensor is split over the model-parallel ranks.
 The Transformer in llama.model is built from these layers; it never asks which rank it is on.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -105,6 +105,24 @@ def shard_dim(key: str) -> Optional[int]:
     holds all of it), e.g. "layers.0.attention.wq.weight" -> 0."""
     parts = key.split(".")
     return SHARD_DIMS.get(parts[-2]) if len(parts) >= 2 else None
+
+
+def shard_bounds(key: str, full_shape: Tuple[int, ...], rank: int, mp_size: int) -> Tuple[Optional[int], int, int]:
+    """(dim, start, end): rank `rank`'s part of checkpoint tensor `key`, whose full shape is
+    `full_shape`, is [start, end) along dim (dim None: the whole tensor)."""
+    dim = shard_dim(key)
+    if dim is None:
+        return None, 0, 0
+    n = full_shape[dim] // mp_size
+    return dim, rank * n, (rank + 1) * n
+
+
+def shard_shape(key: str, full_shape: Tuple[int, ...], mp_size: int) -> Tuple[int, ...]:
+    """The shape of each rank's part of checkpoint tensor `key`, whose full shape is `full_shape`."""
+    dim = shard_dim(key)
+    if dim is None:
+        return tuple(full_shape)
+    return tuple(full_shape[:dim]) + (full_shape[dim] // mp_size,) + tuple(full_shape[dim + 1:])
 
 
 def shard_of(key: str, tensor: torch.Tensor, rank: int, mp_size: int) -> torch.Tensor:

@@ -17,11 +17,11 @@ from llama.formats import (
     chat_prompt_tokens,
     check_dialog,
     completion_prompt_tokens,
-    has_special_tags,
+    refuses_dialog,
     infilling_prompt_tokens,
 )
 from llama.sampling import SamplingParams, check_temperature, check_top_p
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import TokenizerProtocol
 
 
 class APIError(Exception):
@@ -185,7 +185,7 @@ def split_fim_prompt(prompt: str):
     return before, suffix, False
 
 
-def _infill_tokens(tokenizer: Tokenizer, prefix: str, suffix: str, suffix_first: bool = False) -> List[int]:
+def _infill_tokens(tokenizer: TokenizerProtocol, prefix: str, suffix: str, suffix_first: bool = False) -> List[int]:
     if not tokenizer.has_infilling:
         raise APIError(400, "this model cannot fill in the middle (its tokenizer has no <PRE>, <SUF>, <MID>, <EOT> "
                             "pieces): use CodeLlama-7b or -13b or their -Instruct variants", param="suffix")
@@ -195,7 +195,7 @@ def _infill_tokens(tokenizer: Tokenizer, prefix: str, suffix: str, suffix_first:
 # Requests -----------------------------------------------------------------------------------------
 
 
-def parse_completion(body: Any, tokenizer: Tokenizer, max_seq_len: int) -> Job:
+def parse_completion(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int) -> Job:
     """POST /v1/completions: a completion, or fill-in-the-middle with `suffix` or with the markers."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -230,7 +230,7 @@ def _message_text(content, index: int) -> str:
     raise APIError(400, f"messages[{index}].content must be a string or a list of text parts", param="messages")
 
 
-def parse_chat(body: Any, tokenizer: Tokenizer, max_seq_len: int) -> Job:
+def parse_chat(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int) -> Job:
     """POST /v1/chat/completions: the dialog in the model's chat format."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -254,18 +254,22 @@ def parse_chat(body: Any, tokenizer: Tokenizer, max_seq_len: int) -> Job:
     if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 0):
         raise APIError(400, f"'max_tokens' must be an integer >= 0, got {max_tokens!r}", param="max_tokens")
     logprobs = _get(body, "logprobs", bool, False)
+    try:
+        prompt_tokens = chat_prompt_tokens(tokenizer, dialog)
+    except ValueError as e:  # the model's chat template refused the dialog
+        raise APIError(400, str(e), param="messages") from None
     job = Job(
-        api="chat", prompt_tokens=chat_prompt_tokens(tokenizer, dialog),
+        api="chat", prompt_tokens=prompt_tokens,
         params=_sampling(body, 1.0, 1.0, max_seq_len if max_tokens is None else max_tokens, logprobs),
         stop=_stop(body), stream=_get(body, "stream", bool, False),
     )
-    if has_special_tags(dialog):
+    if refuses_dialog(tokenizer, dialog):
         job.fixed_answer = UNSAFE_ERROR
     _prompt_room(job.prompt_tokens, max_seq_len, "messages")
     return job
 
 
-def parse_infill(body: Any, tokenizer: Tokenizer, max_seq_len: int) -> Job:
+def parse_infill(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int) -> Job:
     """POST /infill (llama.cpp): input_prefix, input_suffix, input_extra chunks before the prefix,
     and `prompt`, the start of the middle."""
     if not isinstance(body, dict):

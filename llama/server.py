@@ -273,7 +273,9 @@ def start_http(app, host: str, port: int):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_dir", required=True)
-    parser.add_argument("--tokenizer_path", default=None, help="default: CKPT_DIR/tokenizer.model")
+    parser.add_argument("--tokenizer_path", default=None,
+                        help="default: the tokenizer the checkpoint carries (tokenizer.model, tokenizer.json, "
+                             "or the GGUF's own vocabulary)")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max_seq_len", type=int, default=4096, help="prompt + answer, in tokens")
@@ -308,7 +310,7 @@ def main(argv=None) -> None:
     if rank == 0:
         server, thread = start_http(create_app(state), a.host, a.port)
         print(f"llama.server: listening on http://{a.host}:{a.port} (loading {a.ckpt_dir})", file=sys.stderr)
-    generator = Llama.build(a.ckpt_dir, a.tokenizer_path or str(Path(a.ckpt_dir) / "tokenizer.model"),
+    generator = Llama.build(a.ckpt_dir, a.tokenizer_path,
                             a.max_seq_len, a.max_batch_size, dtype=a.dtype, compile=a.compile)
     scheduler = Scheduler(generator.engine, generator.tokenizer, max_queue=a.max_queue)
 

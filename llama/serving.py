@@ -21,7 +21,7 @@ from llama.answers import Answer, Result
 from llama.batch import RowUpdate
 from llama.engine import Engine
 from llama.protocol import Job
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import TokenizerProtocol
 
 STOP = "stop"  # broadcast by rank 0 to end the loop on every rank
 
@@ -70,7 +70,7 @@ class Scheduler:
     """Continuous batching: a request joins the running batch at the next step (if there is a free
     row) and leaves it when its answer is complete."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, max_queue: int = 64):
+    def __init__(self, engine: Engine, tokenizer: TokenizerProtocol, max_queue: int = 64):
         self.engine, self.tokenizer = engine, tokenizer
         self.max_batch_size = engine.max_batch_size
         self.queue: "queue.Queue[Handle]" = queue.Queue(maxsize=max_queue)

@@ -118,3 +118,18 @@ def smollm2_gguf() -> Path:
                 shutil.copyfileobj(src, dst)
             tmp.rename(target)
     return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    """SmolLM2's tokenizer as llama.vocabulary reads it from the GGUF (byte-level BPE, ChatML)."""
+    from llama.vocabulary import load_tokenizer
+
+    return load_tokenizer(str(smollm2_gguf), None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_gguf):
+    """transformers' tokenizer for the same GGUF: the independent reference (loading takes seconds)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)

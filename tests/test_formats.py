@@ -16,6 +16,8 @@ from llama.formats import (
     has_special_tags,
     infilling_prompt_tokens,
     infilling_stop_ids,
+    render_chat_template,
+    template_variables,
 )
 from llama.sampling import sample_top_p
 from llama.tokenizer import Tokenizer
@@ -264,6 +266,47 @@ def test_70b_format_needs_step_piece(tok):
 
 def test_chat_stop_ids_70b(step_tok, step_sp):
     assert chat_stop_ids(step_tok) == [step_sp.piece_to_id("<step>"), EOS]
+
+
+# Chat templates (checkpoints that carry one) -------------------------------------------------
+
+# Exercises what transformers' rendering does: trim_blocks and lstrip_blocks, loop controls,
+# bos_token/eos_token, tojson keeping non-ASCII text, raise_exception.
+TEMPLATE = """{{ bos_token }}
+{% for message in messages %}
+    {% if message['role'] == 'system' and not loop.first %}{{ raise_exception('system must be first') }}{% endif %}
+    {% if loop.index > 6 %}{% break %}{% endif %}
+    <{{ message['role'] }}>{{ message['content'] | trim }}{{ message | tojson }}{{ eos_token }}
+{% endfor %}
+{% if add_generation_prompt %}<assistant>{% endif %}"""
+
+
+def test_chat_template_renders_as_transformers(smollm2_tokenizer, smollm2_hf_tokenizer):
+    dialog = [system("Sé bref 🦙"), user("  hi  "), assistant("yo"), user("and\nmore")]
+    expected = smollm2_hf_tokenizer.apply_chat_template(dialog, chat_template=TEMPLATE, tokenize=False,
+                                                        add_generation_prompt=True)
+    assert render_chat_template(TEMPLATE, dialog, **template_variables(smollm2_tokenizer)) == expected
+    assert "Sé bref 🦙" in expected and expected.startswith("<|im_start|>")
+
+
+def test_chat_template_raise_exception_is_a_value_error():
+    with pytest.raises(ValueError, match="system must be first"):
+        render_chat_template(TEMPLATE, [user("a"), assistant("b"), system("c"), user("d")])
+
+
+def test_chat_template_is_sandboxed():
+    with pytest.raises(ValueError):
+        render_chat_template("{{ messages.__class__.__mro__[1].__subclasses__() }}", [user("a")])
+
+
+def test_chat_template_with_bad_syntax():
+    with pytest.raises(ValueError, match="not valid Jinja"):
+        render_chat_template("{% for m in messages %}", [user("a")])
+
+
+def test_code_llama_tokenizers_keep_their_formats(tok, step_tok):
+    """Sentencepiece tokenizers carry no template: [INST] and <step> apply (pinned above)."""
+    assert tok.chat_template is None and step_tok.chat_template is None
 
 
 # Dialog validation ---------------------------------------------------------------------------

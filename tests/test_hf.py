@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from llama import Llama
 from llama.files import load_shard
+from llama.hf import HFReader, read_config
 from llama.model import ModelArgs
 from llama.reshard import reshard
 
@@ -121,3 +123,42 @@ def test_missing_shard_named_in_index(native_hf_dir, tmp_path):
     victim = sorted(folder.glob("*.safetensors"))[1]
     victim.unlink()
     fails(f"names 1 file.*{victim.name}", folder)
+
+
+def without_lm_head(src: Path, dst: Path, tie: bool) -> Path:
+    """A copy of the Hugging Face checkpoint `src` without lm_head.weight, with tie_word_embeddings
+    set to `tie` (how transformers saves a model whose output layer is its input embedding)."""
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shard = dst / index["weight_map"].pop("lm_head.weight")
+    tensors = load_file(shard)
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": tie}))
+    return dst
+
+
+def test_tied_embeddings_match_transformers(native_hf_dir, tmp_path):
+    """tie_word_embeddings: the output layer is the input embedding, as transformers makes it."""
+    folder = without_lm_head(native_hf_dir, tmp_path / "tied", tie=True)
+    ours = build(folder).model.forward(torch.tensor(TOKENS), 0)
+    theirs = hf_logits(folder)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert not torch.allclose(theirs, hf_logits(native_hf_dir), atol=1e-2)  # lm_head did differ
+
+
+def test_tied_output_layer_is_split_by_rows(native_hf_dir, tmp_path):
+    """With 2 ranks, each reads its half of the embedding's rows as its output layer (the
+    embedding itself is split by columns)."""
+    folder = without_lm_head(native_hf_dir, tmp_path / "tied", tie=True)
+    params = read_config(folder)
+    embedding = HFReader(folder, params, 0, 1).read("tok_embeddings.weight")
+    halves = [HFReader(folder, params, rank, 2).read("output.weight") for rank in range(2)]
+    assert torch.equal(torch.cat(halves), embedding)
+
+
+def test_untied_checkpoint_without_lm_head(native_hf_dir, tmp_path):
+    fails("lacks lm_head.weight .*tie_word_embeddings is false.*download", without_lm_head(
+        native_hf_dir, tmp_path / "untied", tie=False))

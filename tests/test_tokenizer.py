@@ -3,8 +3,11 @@
 import pytest
 from sentencepiece import SentencePieceProcessor
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
+from tokenizers import Tokenizer as Backend
+from tokenizers import models
 
-from llama.tokenizer import Tokenizer
+from llama.bpe import BPETokenizer
+from llama.tokenizer import Tokenizer, TokenizerProtocol
 
 INFILLING_PIECES = {"prefix_id": "▁<PRE>", "middle_id": "▁<MID>", "suffix_id": "▁<SUF>", "eot_id": "▁<EOT>"}
 
@@ -242,3 +245,43 @@ def test_file_that_is_not_a_sentencepiece_model(tmp_path, content):
         Tokenizer(str(path))
     msg = str(info.value)
     assert str(path) in msg and "sentencepiece" in msg.lower()
+
+
+# Built from a model's bytes; the one interface ---------------------------------------------------
+
+
+def test_from_proto_equals_the_file(tok, model_path):
+    with open(model_path, "rb") as f:
+        other = Tokenizer.from_proto(f.read())
+    for attr in ("n_words", "bos_id", "eos_id", "pad_id", "prefix_id", "middle_id", "suffix_id", "eot_id", "step_id",
+                 "add_bos", "chat_template"):
+        assert getattr(other, attr) == getattr(tok, attr), attr
+    for text in TEXTS:
+        assert other.encode(text, bos=True, eos=True) == tok.encode(text, bos=True, eos=True)
+        assert other.encode_infilling(text) == tok.encode_infilling(text)
+
+
+def test_from_proto_add_bos(model_path):
+    with open(model_path, "rb") as f:
+        assert Tokenizer.from_proto(f.read(), add_bos=False).add_bos is False
+
+
+def test_sentencepiece_tokenizer_starts_prompts_with_bos_and_has_no_template(tok):
+    assert tok.add_bos is True and tok.chat_template is None
+
+
+def protocol_members():
+    """The attributes and methods TokenizerProtocol declares."""
+    declared = set(TokenizerProtocol.__annotations__)
+    declared |= {name for name in vars(TokenizerProtocol) if not name.startswith("_")}
+    return declared
+
+
+def test_every_tokenizer_offers_the_protocol(tok):
+    bpe = BPETokenizer(Backend(models.BPE({"a": 0, "b": 1}, [])), bos_id=None, eos_id=0)
+    members = protocol_members()
+    assert {"encode", "decode", "token_piece", "encode_infilling", "decode_infilling", "has_infilling",
+            "chat_template", "add_bos", "eot_id", "step_id", "n_words"} <= members
+    for t in (tok, bpe):
+        missing = [m for m in members if not hasattr(t, m)]
+        assert not missing, (type(t).__name__, missing)
