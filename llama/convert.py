@@ -1,10 +1,13 @@
-"""Convert between Meta's checkpoint layout and Hugging Face's.
+"""Convert between Meta's checkpoint layout and Hugging Face's, and to llama.cpp's GGUF.
 
     python -m llama.convert to-hf SRC_DIR DST_DIR            # Meta -> config.json + model*.safetensors
     python -m llama.convert to-meta SRC_DIR DST_DIR --mp M   # Hugging Face -> M consolidated.NN.pth
+    python -m llama.convert to-gguf SRC_DIR DST.gguf [--type f32|f16|bf16|q8_0]   # either -> one GGUF file
 
-Tensors are converted one at a time from memory-mapped files, with a progress bar; the weights
-keep their dtype. The Hugging Face copy loads with transformers' LlamaForCausalLM.from_pretrained.
+Tensors are converted one at a time from memory-mapped files, with a progress bar; the Meta and
+Hugging Face copies keep the weights' dtype. The Hugging Face copy loads with transformers'
+LlamaForCausalLM.from_pretrained; the GGUF file (weights, hyper-parameters and tokenizer.model's
+vocabulary) runs in llama.cpp.
 """
 
 import argparse
@@ -17,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from llama.files import copy_if_present, refuse_output_files
+from llama.gguf_export import FILE_TYPES, write_gguf
 from llama.hf import hf_config, hf_name, meta_to_hf_tensor
 from llama.loading import model_args, open_checkpoint
 from llama.reshard import reshard
@@ -75,10 +79,17 @@ def main(argv=None) -> None:
     meta.add_argument("src_dir")
     meta.add_argument("dst_dir")
     meta.add_argument("--mp", type=int, default=1, help="model-parallel shards to write (default 1)")
+    gg = sub.add_parser("to-gguf", help="either layout -> one GGUF file for llama.cpp (weights and vocabulary)")
+    gg.add_argument("src_dir", help="checkpoint folder with its tokenizer.model")
+    gg.add_argument("dst_file", help="the .gguf file to write (must not exist)")
+    gg.add_argument("--type", default="f32", choices=list(FILE_TYPES),
+                    help="type of the weight matrices (default f32; norms stay f32)")
     a = parser.parse_args(argv)
     try:
         if a.direction == "to-hf":
             out = to_hf(a.src_dir, a.dst_dir, shard_bytes=int(a.shard_size_gb * 2**30))
+        elif a.direction == "to-gguf":
+            out = write_gguf(a.src_dir, a.dst_file, a.type)
         else:
             out = reshard(a.src_dir, a.dst_dir, a.mp)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
