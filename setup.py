@@ -22,8 +22,9 @@ setup(
     ],
     extras_require={
         "server": ["starlette", "uvicorn"],  # python -m llama.server
-        # transformers: the reference for the Hugging Face layout; openai, httpx: the server's clients
-        "test": ["pytest", "transformers", "openai", "httpx", "starlette", "uvicorn"],
+        # transformers (+ accelerate for its GGUF loading): the reference for the Hugging Face and
+        # GGUF layouts; openai, httpx: the server's clients
+        "test": ["pytest", "transformers", "accelerate", "openai", "httpx", "starlette", "uvicorn"],
         "bench": ["transformers", "httpx"],
     },
 )

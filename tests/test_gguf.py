@@ -48,24 +48,33 @@ def smollm2_logits(smollm2):
 
 
 @pytest.fixture(scope="module")
-def transformers_logits(smollm2_gguf):
-    """transformers' float32 logits for TOKENS: its GGUF loader dequantizes the same file, maps the
-    names and puts the q/k rows in its own rotary order (load_gguf_checkpoint is what
-    from_pretrained(gguf_file=...) calls, without needing accelerate). The hyper-parameters are
-    SmolLM2-135M's config.json, written out here."""
+def transformers_model(smollm2_gguf):
+    """transformers' LlamaForCausalLM reading the same file in float32 (its own GGUF loader
+    dequantizes it, maps the names, reads the metadata and puts the q/k rows in its rotary order)."""
     transformers = pytest.importorskip("transformers")
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    pytest.importorskip("accelerate", reason="transformers' from_pretrained(gguf_file=...) needs accelerate")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, torch_dtype=torch.float32)
+    return model.eval()
 
-    config = transformers.LlamaConfig(
-        vocab_size=SMOLLM2_VOCAB, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
-    )
-    model = transformers.LlamaForCausalLM(config)
-    state = load_gguf_checkpoint(str(smollm2_gguf), return_tensors=True, model_to_load=model)["tensors"]
-    assert set(model.load_state_dict(state, strict=False).missing_keys) == {"lm_head.weight"}  # tied
-    model.tie_weights()
+
+@pytest.fixture(scope="module")
+def transformers_logits(transformers_model):
     with torch.inference_mode():
-        return model.eval()(torch.tensor(TOKENS)).logits
+        return transformers_model(torch.tensor(TOKENS)).logits
+
+
+def greedy_reference(model, prompt, n):
+    """Greedy tokens and their log-probabilities by transformers, one full forward per token."""
+    ids, tokens, logprobs = list(prompt), [], []
+    with torch.inference_mode():
+        for _ in range(n):
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+            t = int(lp.argmax())
+            tokens.append(t)
+            logprobs.append(float(lp[t]))
+            ids.append(t)
+    return tokens, logprobs
 
 
 def test_smollm2_greedy_tokens(smollm2_logits):
@@ -87,6 +96,17 @@ def test_smollm2_matches_transformers(smollm2_logits, transformers_logits):
     assert torch.equal(smollm2_logits.argmax(-1), transformers_logits.argmax(-1))
 
 
+def test_smollm2_generation_matches_transformers(smollm2, transformers_model):
+    """Greedy generation through Llama.generate (batched prefill, KV cache, the GGUF's own
+    vocabulary for the prompt): the same tokens and log-probabilities as transformers' step by step."""
+    prompts = [smollm2.tokenizer.encode(p, bos=False, eos=False) for p in ("def fibonacci(n):", "The capital of")]
+    tokens, logprobs = smollm2.generate(prompts, 12, temperature=0, logprobs=True, stop_token=-1)
+    for prompt, got, got_lp in zip(prompts, tokens, logprobs):
+        want, want_lp = greedy_reference(transformers_model, prompt, 12)
+        assert got == want
+        assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-4
+
+
 def test_smollm2_hyper_parameters(smollm2_gguf):
     reader = GGUFWeightReader(smollm2_gguf, 0, 1)
     args = ModelArgs(**reader.params())
@@ -98,16 +118,21 @@ def test_smollm2_hyper_parameters(smollm2_gguf):
     assert torch.equal(reader.read("output.weight"), reader.read("tok_embeddings.weight"))
 
 
-def test_smollm2_split_over_three_processes(smollm2_gguf, smollm2_logits, tmp_path):
-    """torchrun, 3 processes (gloo): each rank dequantizes its rows or block-aligned columns (and
-    the tied output layer's rows); the gathered logits are those of one process."""
+def test_smollm2_split_over_three_processes(smollm2, smollm2_gguf, smollm2_logits, tmp_path):
+    """torchrun, 3 processes (gloo), Llama.build on the file: each rank dequantizes its rows or
+    block-aligned columns (and the tied output layer's rows); the gathered logits, greedy tokens and
+    log-probabilities are those of one process."""
     out = tmp_path / "logits.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
            str(ROOT / "tests" / "mp_gguf.py"), str(smollm2_gguf), str(out), json.dumps(TOKENS)]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    torch.testing.assert_close(torch.load(out), smollm2_logits, atol=1e-4, rtol=0)
+    got = torch.load(out)
+    torch.testing.assert_close(got["logits"], smollm2_logits, atol=1e-4, rtol=0)
+    tokens, logprobs = smollm2.generate(TOKENS, 8, temperature=0, logprobs=True, stop_token=-1)
+    assert got["tokens"] == tokens
+    assert max(abs(a - b) for row, want in zip(got["logprobs"], logprobs) for a, b in zip(row, want)) < 1e-4
 
 
 # Tiny GGUF files, written here --------------------------------------------------------------
