@@ -126,7 +126,7 @@ class ShardReader:
         first = self._shard(self.needed[0])
         if key not in first:
             raise KeyError(key)
-        dim = shard_dim(key)
+        dim = shard_dim(key, first[key].dim())
         if dim is None:
             return None, [first[key]]
         k = len(self.paths)

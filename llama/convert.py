@@ -23,6 +23,7 @@ from llama.files import copy_if_present, refuse_output_files
 from llama.gguf_export import FILE_TYPES, write_gguf
 from llama.hf import hf_config, hf_name, meta_to_hf_tensor
 from llama.loading import model_args, open_checkpoint
+from llama.quantization import refuse_quantized
 from llama.reshard import reshard
 
 
@@ -31,6 +32,7 @@ def to_hf(src: str, dst: str, shard_bytes: int = 5 * 2**30, show_progress: bool 
     into `dst`: config.json, model-0000i-of-0000N.safetensors with their index, tokenizer.model."""
     src_dir, dst_dir = Path(src), Path(dst)
     params, reader = open_checkpoint(src, 0, 1)
+    refuse_quantized(params, str(src_dir / "params.json"), "converting to Hugging Face's layout")
     refuse_output_files(dst_dir, ".safetensors")
     args = model_args(params, reader.vocab_rows(), 16384, 1, str(src_dir))
     keys = [k for k in reader.keys() if hf_name(k) is not None]  # e.g. rope.freqs has no use there

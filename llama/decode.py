@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from llama.kernels import QuantizedWeight
 from llama.model import KVCache, Transformer
 
 
@@ -52,6 +53,11 @@ class CompiledDecode:
 
     def __init__(self, model: Transformer):
         self.model = model
+        for module in model.modules():  # plain tensors, not parameters: their addresses are fixed too
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, QuantizedWeight):
+                torch._dynamo.mark_static_address(weight.data)
+                torch._dynamo.mark_static_address(weight.scales)
         cuda = model.device.type == "cuda"
         self.compiled = torch.compile(self._step, mode="reduce-overhead" if cuda else None, dynamic=False)
         self.caches: Dict[int, KVCache] = {}

@@ -31,6 +31,7 @@ from llama.formats import (
 )
 from llama.loading import Placement, checkpoint_folder, load_model
 from llama.model import Transformer
+from llama.quantization import check_request
 from llama.sampling import SamplingParams
 from llama.tokenizer import TokenizerProtocol
 from llama.vocabulary import load_tokenizer
@@ -77,6 +78,8 @@ class Llama:
         compile: bool = False,
         prefill_chunk_size: int = 2048,
         check_weights: bool = False,
+        quantize: Optional[str] = None,
+        group_size: Optional[int] = None,
     ) -> "Llama":
         """Load a checkpoint in Meta's layout (params.json, consolidated.NN.pth, tokenizer.model),
         Hugging Face's (config.json, model*.safetensors) or llama.cpp's (one .gguf file).
@@ -102,6 +105,15 @@ class Llama:
                 which bounds the memory of a long prompt's prefill.
             check_weights: check that every weight is finite as it is loaded, and name the first NaN
                 or infinite one (off by default: it adds about 10% to a float32 load on CPU).
+            quantize: "int8" or "int4": weight-only quantization of the attention and feed-forward
+                projections (wq wk wv wo w1 w2 w3) as they load, each process its own slice; the
+                embedding and the output layer stay in `dtype`. int8 has a scale per output row;
+                int4 a scale and a zero per group of input columns. Activations go through the
+                quantized products in bfloat16 (CPU, and CUDA; int4 on CUDA needs compute
+                capability 8.0+). None: full precision, or the scheme a checkpoint written by
+                `python -m llama.quantize` declares (it loads quantized, memory-mapped).
+            group_size: int4's input columns per scale and zero: 32, 64, 128 or 256 (default: the
+                largest of 128, 64, 32 that divides every projection's input width per process).
         Returns:
             a Llama generator; `.model` is the Transformer, `.tokenizer` the tokenizer, `.engine`
             the Engine that runs prompts on them.
@@ -109,6 +121,7 @@ class Llama:
         check_int("max_seq_len", max_seq_len)
         check_int("max_batch_size", max_batch_size)
         check_int("prefill_chunk_size", prefill_chunk_size)
+        check_request(quantize, group_size)
         checkpoint_folder(ckpt_dir)  # first: a missing folder is named as such, not as a missing tokenizer
         start = time.time()
         device = distributed.resolve_device(device)
@@ -117,7 +130,8 @@ class Llama:
         tokenizer = load_tokenizer(tokenizer_path, ckpt_dir)
         placement = Placement(fs_init.get_model_parallel_rank(), mp_size, dtype, device)
         model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, placement,
-                           show_progress=distributed.is_main_process(), check_weights=check_weights)
+                           show_progress=distributed.is_main_process(), check_weights=check_weights,
+                           quantize=quantize, group_size=group_size)
         if distributed.is_main_process():
             print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
         return Llama(model, tokenizer, seed=seed, compile=compile, prefill_chunk_size=prefill_chunk_size)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from llama.gguf import META_TO_GGUF, gguf_name
 from llama.loading import WeightReader, model_args, open_checkpoint
+from llama.quantization import refuse_quantized
 from llama.model import ModelArgs
 from llama.tokenizer import EOT_PIECE
 
@@ -182,6 +183,7 @@ def write_gguf(src: str, dst: str, type: str = "f32", show_progress: bool = True
     if src_dir.suffix == ".gguf":
         raise ValueError(f"{src} is a GGUF file already; llama.cpp's llama-quantize converts it to another type")
     params, reader = open_checkpoint(src, 0, 1)
+    refuse_quantized(params, str(src_dir / "params.json"), "writing a GGUF file")
     refuse_output_file(path)
     tokenizer = src_dir / "tokenizer.model"
     if not tokenizer.is_file():

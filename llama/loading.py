@@ -1,12 +1,14 @@
 """Loading weights into a model, whatever the checkpoint's layout: the one reader interface, the
 layout dispatch, params.json checked into ModelArgs, and a rank's share placed straight into its
 Transformer. The top of the weights code: it sits on llama.checkpoint (Meta's layout), llama.hf
-(Hugging Face's) and llama.gguf (llama.cpp's), which know nothing of each other."""
+(Hugging Face's) and llama.gguf (llama.cpp's), which know nothing of each other. Projections are
+quantized here as they load (llama.quantization), or read already quantized from a checkpoint that
+declares it."""
 
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Protocol, Tuple
+from typing import Dict, List, Optional, Protocol, Set, Tuple
 
 import torch
 from tqdm import tqdm
@@ -14,8 +16,22 @@ from tqdm import tqdm
 from llama import gguf, hf
 from llama.checkpoint import UNUSED_KEYS, ShardReader, read_params, shard_paths
 from llama.checks import check_int, is_int
+from llama.kernels import quantized_device_problem
 from llama.model import ModelArgs, Transformer
 from llama.parallel import shard_dim
+from llama.quantization import (
+    PARAMS_KEY,
+    QuantizedTensors,
+    Scheme,
+    declared_scheme,
+    input_widths,
+    install,
+    is_projection,
+    kernel_weight,
+    quantize_shard,
+    resolve_scheme,
+    stored_tensors,
+)
 
 
 class WeightReader(Protocol):
@@ -114,7 +130,7 @@ def open_checkpoint(ckpt_dir: str, rank: int, mp_size: int) -> Tuple[dict, Weigh
 def model_args(params: dict, vocab_size: int, max_seq_len: int, max_batch_size: int, where: str) -> ModelArgs:
     """ModelArgs from params.json, checked; vocab_size comes from the tokenizer."""
     known = {f.name for f in dataclasses.fields(ModelArgs)}
-    unknown = sorted(set(params) - known)
+    unknown = sorted(set(params) - known - {PARAMS_KEY})  # the quantization scheme is read on its own
     if unknown:
         warnings.warn(f"{where}: ignoring unknown keys {unknown}")
     for key in ("dim", "n_layers", "n_heads"):
@@ -169,17 +185,21 @@ class Placement:
 
 def load_model(
     ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int, placement: Placement,
-    show_progress: bool = True, check_weights: bool = False,
+    show_progress: bool = True, check_weights: bool = False, quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
 ) -> Transformer:
     """Build the Transformer for model-parallel rank `mp_rank` of `mp_size` on `device`, in `dtype`
     (the placement), with its share of the weights of the checkpoint in `ckpt_dir` (Meta's layout
     with any number of shards, Hugging Face's, or a GGUF file). max_seq_len, max_batch_size: the
     runtime limits the KV cache never grows past. check_weights: also check that every weight is
-    finite (a pass over each as it is loaded)."""
+    finite (a pass over each as it is loaded). quantize ("int8", "int4"), group_size: quantize the
+    projections as they load (see llama.quantization); a checkpoint whose params.json declares a
+    scheme loads quantized as it is."""
     mp_rank, mp_size, dtype, device = placement.mp_rank, placement.mp_size, placement.dtype, placement.device
     params, reader = open_checkpoint(ckpt_dir, mp_rank, mp_size)
     source = params_file(ckpt_dir)
     folder = source.parent
+    declared = declared_scheme(params, str(source))
     args = model_args(params, vocab_size, max_seq_len, max_batch_size, str(source))
     if "tok_embeddings.weight" in reader.keys() and reader.vocab_rows() != vocab_size:
         rows = reader.vocab_rows()
@@ -187,17 +207,20 @@ def load_model(
     if isinstance(reader, ShardReader):
         reader.check_complete(args.dim)
     check_degree(args, mp_size)
+    scheme = resolve_scheme(quantize, group_size, declared, input_widths(args, mp_size), str(source))
+    problem = scheme and quantized_device_problem(scheme.mode, device)
+    if problem:
+        raise ValueError(problem)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {k: tuple(p.shape) for k, p in model.state_dict().items()}
+    layout = stored_layout(expected, declared)
     available = set(reader.keys())
-    missing = [k for k in expected if k not in available]
+    missing = [k for k in layout if k not in available]
     if missing:
-        raise ValueError(
-            f"{reader.describe()} in {str(folder)!r} lack(s) {len(missing)} weight(s), e.g. {missing[:3]}: "
-            f"the files are not a Llama checkpoint, or {source.name} belongs to another model"
-        )
-    unused = sorted(available - set(expected) - set(UNUSED_KEYS))
+        files = f"{reader.describe()} in {str(folder)!r}"
+        raise ValueError(_missing_error(missing, set(expected), declared, files, source))
+    unused = sorted(available - set(layout) - set(UNUSED_KEYS))
     if unused:
         raise ValueError(
             f"{reader.describe()} in {str(folder)!r} hold(s) {len(unused)} weight(s) that the model {source.name} "
@@ -205,25 +228,57 @@ def load_model(
             "model, or the files hold more than a Llama's weights"
         )
     stored = {}
-    for key, want in expected.items():
+    for key, (want, integer) in layout.items():
         got = reader.shape(key)
         if got != want:
             raise ValueError(_shape_error(key, got, want, vocab_size, source, reader.describe()))
         stored[key] = reader.dtype(key)
-        if not stored[key].is_floating_point:
-            raise ValueError(
-                f"checkpoint tensor {key} is {stored[key]}, not floating point: {reader.describe()} in "
-                f"{str(folder)!r} do not hold Llama weights as Meta and Hugging Face store them (bfloat16, "
-                "float16 or float32)"
-            )
+        if not (stored[key] == integer if integer is not None else stored[key].is_floating_point):
+            raise ValueError(_dtype_error(key, stored[key], integer, declared, reader.describe(), folder))
     loaded = {}
     for key in tqdm(expected, desc=f"loading {reader.describe()}", unit="tensor", disable=None if show_progress else True):
+        if scheme is not None and is_projection(key):
+            shard = read_quantized(reader, key, scheme, declared, device, folder if check_weights else None)
+            install(model, key, kernel_weight(shard, device))
+            continue
         loaded[key] = reader.read(key, dtype, device)
         if check_weights:
             check_finite(key, loaded[key], stored[key], folder)
     model.load_state_dict(loaded, assign=True, strict=True)
     model.requires_grad_(False)
     return model
+
+
+def stored_layout(expected: Dict[str, Tuple[int, ...]],
+                  declared: Optional[Scheme]) -> Dict[str, Tuple[Tuple[int, ...], Optional[torch.dtype]]]:
+    """What the checkpoint must hold for a model whose state dict has `expected` shapes: name ->
+    (shape, integer dtype of quantized values; None: floating point), with each projection's
+    values, scale and zero where params.json declares a quantization scheme."""
+    layout = {}
+    for key, shape in expected.items():
+        if declared is not None and is_projection(key):
+            layout.update(stored_tensors(key, shape, declared))
+        else:
+            layout[key] = (shape, None)
+    return layout
+
+
+def read_quantized(reader: WeightReader, key: str, scheme: Scheme, declared: Optional[Scheme],
+                   device: torch.device, check_in: Optional[Path]) -> QuantizedTensors:
+    """This rank's share of projection `key`, quantized: read as stored when the checkpoint declares
+    the scheme, else quantized from its full-precision slice (read as stored, on `device`).
+    check_in: the checkpoint folder, to check that the weight (or its scales) are finite."""
+    if declared is None:
+        weight = reader.read(key, device=device)
+        if check_in is not None:
+            check_finite(key, weight, weight.dtype, check_in)
+        return quantize_shard(key, weight, scheme)
+    names = list(stored_tensors(key, reader.shape(key), scheme))
+    values, scale, *zero = (reader.read(name) for name in names)
+    if check_in is not None:
+        for name, t in zip(names[1:], [scale, *zero]):
+            check_finite(name, t, t.dtype, check_in)
+    return QuantizedTensors(scheme, values, scale, zero[0] if zero else None)
 
 
 def check_finite(key: str, tensor: torch.Tensor, stored: torch.dtype, folder: Path) -> None:
@@ -241,6 +296,34 @@ def check_finite(key: str, tensor: torch.Tensor, stored: torch.dtype, folder: Pa
     )
 
 
+def _missing_error(missing: List[str], expected: Set[str], declared: Optional[Scheme], files: str, source: Path) -> str:
+    """Why the checkpoint lacks tensors `missing` (of the model's `expected` ones, or of a quantized
+    weight's scales and zeros), and what to do about it."""
+    extra = [k for k in missing if k not in expected]  # scales or zeros of quantized weights
+    if declared is not None and extra:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        parts = "scale and zero" if declared.mode == "int4" else "scale"
+        return (f"{files} lack(s) {extra[0]}{more}: {source.name} declares weights quantized ({declared.describe()}), "
+                f"each with its {parts}; write the checkpoint again with python -m llama.quantize")
+    return (f"{files} lack(s) {len(missing)} weight(s), e.g. {missing[:3]}: the files are not a Llama checkpoint, or "
+            f"{source.name} belongs to another model")
+
+
+def _dtype_error(key: str, got: torch.dtype, integer: Optional[torch.dtype], declared: Optional[Scheme],
+                 files: str, folder: Path) -> str:
+    """Why checkpoint tensor `key`'s dtype `got` is not the one expected (`integer`: a quantized
+    weight's; None: floating point), and what to do about it."""
+    where = f"checkpoint tensor {key} in {files} in {str(folder)!r}"
+    if integer is not None:
+        return (f"{where} is {got}, but params.json declares weights quantized ({declared.describe()}), stored as "
+                f"{integer}: the file was not written by python -m llama.quantize with this scheme; write it again")
+    if declared is None and not got.is_floating_point:
+        return (f"{where} is {got}, not floating point: these files do not hold Llama weights as Meta and Hugging "
+                "Face store them (bfloat16, float16 or float32), and params.json declares no quantization")
+    return (f"{where} is {got}, not floating point: only the projections' values are quantized "
+            f"({declared.describe()}); the file is damaged or was not written by python -m llama.quantize")
+
+
 def _shape_error(key: str, got: tuple, want: tuple, vocab_size: int, source: Path, files: str = "") -> str:
     """Why a checkpoint tensor's shape differs from the model's (whose hyper-parameters come from
     `source`), and what to do about it."""
@@ -249,7 +332,7 @@ def _shape_error(key: str, got: tuple, want: tuple, vocab_size: int, source: Pat
                "used, the file is damaged: download it again" if source.suffix == ".gguf" else
                f"pass the tokenizer.model that came with this checkpoint ({str(source.parent / 'tokenizer.model')!r})")
         return f"the checkpoint's vocabulary has {got[0]} tokens but the tokenizer has {vocab_size}: {fix}"
-    dim, hint = shard_dim(key), ""
+    dim, hint = shard_dim(key, len(want)), ""
     if dim is not None and len(got) == len(want) and 0 < got[dim] < want[dim] and want[dim] % got[dim] == 0 and (
             got[:dim] + got[dim + 1:] == want[:dim] + want[dim + 1:]):
         hint = f"; or shards are missing (the checkpoint has {want[dim] // got[dim]} times as many as {files})"

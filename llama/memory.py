@@ -1,30 +1,46 @@
 """Know before you run: memory per GPU (or per process) for weights and KV cache.
 
-    python -m llama.memory --ckpt_dir CodeLlama-7b/ --max_seq_len 100000 --max_batch_size 1 [--mp 1]
+    python -m llama.memory --ckpt_dir CodeLlama-7b/ --max_seq_len 100000 --max_batch_size 1 [--mp 1] [--quantize int8|int4]
 
-The estimate needs only params.json (and tokenizer.model for the vocabulary size, else 32016).
+The estimate needs only params.json (and tokenizer.model for the vocabulary size, else 32016). A
+quantized checkpoint's params.json says its scheme; --quantize estimates quantizing as it loads.
 """
 
 import argparse
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 from llama.checkpoint import read_params
 from llama.loading import model_args
+from llama.model import ModelArgs
+from llama.quantization import (
+    GROUP_SIZES,
+    MODES,
+    Scheme,
+    declared_scheme,
+    input_widths,
+    quantized_bytes,
+    resolve_scheme,
+)
 from llama.tokenizer import Tokenizer
 
 GiB = 2**30
 
 
-def weight_bytes(args, mp: int, bytes_per_param: int) -> int:
-    """Bytes of one model-parallel rank's weights (norms are replicated, the rest split)."""
+def weight_bytes(args: ModelArgs, mp: int, bytes_per_param: int, scheme: Optional[Scheme] = None) -> int:
+    """Bytes of one model-parallel rank's weights (norms are replicated, the rest split); with a
+    quantization scheme, the projections as its kernels hold them."""
     d, hd, f, v = args.dim, args.head_dim, args.ffn_hidden_dim, args.vocab_size
-    per_layer = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2 + 3 * d * f
-    split = 2 * v * d + args.n_layers * per_layer
     replicated = (2 * args.n_layers + 1) * d
-    return (split // mp + replicated) * bytes_per_param
+    if scheme is None:
+        per_layer = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2 + 3 * d * f
+        return ((2 * v * d + args.n_layers * per_layer) // mp + replicated) * bytes_per_param
+    shapes = [(args.n_heads * hd // mp, d), (args.n_kv_heads * hd // mp, d), (args.n_kv_heads * hd // mp, d),
+              (d, args.n_heads * hd // mp), (f // mp, d), (d, f // mp), (f // mp, d)]  # wq wk wv wo w1 w2 w3
+    per_layer = sum(quantized_bytes(n, k, scheme) for n, k in shapes)
+    return (2 * v * d // mp + replicated) * bytes_per_param + args.n_layers * per_layer
 
 
 def kv_cache_bytes(args, batch_size: int, seq_len: int, mp: int, bytes_per_value: int) -> int:
@@ -39,15 +55,20 @@ def working_bytes(args, batch_size: int, mp: int, chunk: int, bytes_per_value: i
     return activations + batch_size * args.vocab_size * 4
 
 
-def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtype: str, chunk: int = 2048) -> Dict[str, int]:
+def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtype: str, chunk: int = 2048,
+             quantize: Optional[str] = None, group_size: Optional[int] = None) -> Dict[str, int]:
+    """Bytes per process of weights, KV cache and working tensors (see main); quantize, group_size:
+    as Llama.build takes them."""
     folder = Path(ckpt_dir)
     vocab = 32016
     if (folder / "tokenizer.model").is_file():
         vocab = Tokenizer(str(folder / "tokenizer.model")).n_words
-    args = model_args(read_params(folder), vocab, max_seq_len, max_batch_size, str(folder / "params.json"))
+    params, where = read_params(folder), str(folder / "params.json")
+    args = model_args(params, vocab, max_seq_len, max_batch_size, where)
+    scheme = resolve_scheme(quantize, group_size, declared_scheme(params, where), input_widths(args, mp), where)
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     return {
-        "weights": weight_bytes(args, mp, size),
+        "weights": weight_bytes(args, mp, size, scheme),
         "kv_cache": kv_cache_bytes(args, max_batch_size, max_seq_len, mp, size),
         "working": working_bytes(args, max_batch_size, mp, min(chunk, max_seq_len), size),
     }
@@ -60,9 +81,13 @@ def main(argv=None) -> None:
     parser.add_argument("--max_batch_size", type=int, default=1)
     parser.add_argument("--mp", type=int, default=1, help="model-parallel processes (GPUs)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--quantize", choices=MODES, default=None,
+                        help="projections quantized as they load (a quantized checkpoint says its own)")
+    parser.add_argument("--group_size", type=int, choices=GROUP_SIZES, default=None, help="int4's group size")
     a = parser.parse_args(argv)
     try:
-        est = estimate(a.ckpt_dir, a.max_seq_len, a.max_batch_size, a.mp, a.dtype)
+        est = estimate(a.ckpt_dir, a.max_seq_len, a.max_batch_size, a.mp, a.dtype, quantize=a.quantize,
+                       group_size=a.group_size)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     total = sum(est.values())

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from llama.kernels import linear
+from llama.kernels import QuantizedWeight, linear
 
 
 def world_size() -> int:
@@ -21,11 +21,11 @@ def world_size() -> int:
     return fs_init.get_model_parallel_world_size()
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum x over the model-parallel group, in place."""
+def all_reduce(x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Sum x (or reduce it with `op`, e.g. MAX) over the model-parallel group, in place."""
     group = fs_init.get_model_parallel_group()
     if dist.get_world_size(group=group) > 1:
-        dist.all_reduce(x, group=group)
+        dist.all_reduce(x, op=op, group=group)
     return x
 
 
@@ -45,7 +45,8 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 # fairscale's weight layout (the checkpoints' sharding contract) but only declare the local shard,
 # so the model can be built on the meta device and the checkpoint's tensors assigned in place:
 # nothing is allocated twice. Their forward calls the collectives above directly: fairscale's
-# autograd wrappers serve training, and torch.compile cannot trace them.
+# autograd wrappers serve training, and torch.compile cannot trace them. Their weight may be
+# replaced by a kernels.QuantizedWeight (see `set_weight`); `linear` applies either.
 
 
 class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
@@ -94,23 +95,35 @@ class ParallelEmbedding(fs_layers.ParallelEmbedding):
         return all_gather_last_dim(F.embedding(tokens, self.weight))
 
 
+def set_weight(layer: nn.Module, weight: QuantizedWeight) -> None:
+    """Make a column- or row-parallel layer apply `weight` in place of its float weight Parameter,
+    which is dropped (and so leaves the layer's parameters and state dict)."""
+    del layer.weight
+    layer.weight = weight
+
+
 # How each checkpoint tensor is split over model-parallel ranks (the dimension), None = replicated:
 # column-parallel layers split their output features (rows), row-parallel ones their input
-# features (columns), the embedding its embedding dimension.
+# features (columns), the embedding its embedding dimension. A quantized weight's scales (and
+# zeros) follow its weight: per group (2-D: rows x groups) they split as the weight does; per row
+# (1-D) they split with a column-parallel layer's rows and are whole on every rank of a
+# row-parallel layer, whose ranks all hold every row.
 SHARD_DIMS = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
 
 
-def shard_dim(key: str) -> Optional[int]:
-    """The dimension along which checkpoint tensor `key` is split over ranks (None: every rank
-    holds all of it), e.g. "layers.0.attention.wq.weight" -> 0."""
+def shard_dim(key: str, ndim: int = 2) -> Optional[int]:
+    """The dimension along which checkpoint tensor `key`, of `ndim` dimensions, is split over ranks
+    (None: every rank holds all of it), e.g. "layers.0.attention.wq.weight" -> 0, and the 1-D
+    "layers.0.attention.wo.scale" -> None."""
     parts = key.split(".")
-    return SHARD_DIMS.get(parts[-2]) if len(parts) >= 2 else None
+    dim = SHARD_DIMS.get(parts[-2]) if len(parts) >= 2 else None
+    return dim if dim is not None and dim < ndim else None
 
 
 def shard_bounds(key: str, full_shape: Tuple[int, ...], rank: int, mp_size: int) -> Tuple[Optional[int], int, int]:
     """(dim, start, end): rank `rank`'s part of checkpoint tensor `key`, whose full shape is
     `full_shape`, is [start, end) along dim (dim None: the whole tensor)."""
-    dim = shard_dim(key)
+    dim = shard_dim(key, len(full_shape))
     if dim is None:
         return None, 0, 0
     n = full_shape[dim] // mp_size
@@ -119,7 +132,7 @@ def shard_bounds(key: str, full_shape: Tuple[int, ...], rank: int, mp_size: int)
 
 def shard_shape(key: str, full_shape: Tuple[int, ...], mp_size: int) -> Tuple[int, ...]:
     """The shape of each rank's part of checkpoint tensor `key`, whose full shape is `full_shape`."""
-    dim = shard_dim(key)
+    dim = shard_dim(key, len(full_shape))
     if dim is None:
         return tuple(full_shape)
     return tuple(full_shape[:dim]) + (full_shape[dim] // mp_size,) + tuple(full_shape[dim + 1:])
@@ -127,7 +140,7 @@ def shard_shape(key: str, full_shape: Tuple[int, ...], mp_size: int) -> Tuple[in
 
 def shard_of(key: str, tensor: torch.Tensor, rank: int, mp_size: int) -> torch.Tensor:
     """Rank `rank`'s part of the full (unsharded) checkpoint tensor `key`."""
-    dim = shard_dim(key)
+    dim = shard_dim(key, tensor.dim())
     if dim is None or mp_size == 1:
         return tensor
     return tensor.chunk(mp_size, dim=dim)[rank]

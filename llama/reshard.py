@@ -11,12 +11,37 @@ source; memory use peaks at about one output shard.
 import argparse
 import json
 from pathlib import Path
+from typing import Callable, Dict
 
 import torch
 from tqdm import tqdm
 
 from llama.files import copy_if_present, refuse_output_files, write_checklist
 from llama.loading import check_degree, model_args, open_checkpoint
+
+
+def compact(key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """{key: a copy of tensor in storage of its own}: torch.save then writes just this tensor, not
+    the whole mapped shard it is a view of."""
+    return {key: tensor.clone()}
+
+
+def write_shards(src: str, dst_dir: Path, mp: int, desc: str, show_progress: bool = True,
+                 convert: Callable[[str, torch.Tensor], Dict[str, torch.Tensor]] = compact) -> None:
+    """Write the checkpoint in `src` split for `mp` ranks as consolidated.NN.pth shards in `dst_dir`,
+    one output shard in memory at a time: each rank's part of each tensor, read from the
+    memory-mapped source, is stored as `convert(key, part)` (the tensors to save under their names)."""
+    first = open_checkpoint(src, 0, mp)[1]
+    keys = first.keys()
+    with tqdm(total=mp * len(keys), unit="tensor", desc=desc, disable=None if show_progress else True) as bar:
+        for rank in range(mp):
+            reader = first if rank == 0 else open_checkpoint(src, rank, mp)[1]
+            shard = {}
+            for key in keys:
+                shard.update(convert(key, reader.read(key)))
+                bar.update()
+            torch.save(shard, dst_dir / f"consolidated.{rank:02d}.pth")
+            del shard, reader
 
 
 def reshard(src: str, dst: str, mp: int, show_progress: bool = True) -> Path:
@@ -29,17 +54,7 @@ def reshard(src: str, dst: str, mp: int, show_progress: bool = True) -> Path:
     refuse_output_files(dst_dir, ".pth")
     check_degree(model_args(params, first.vocab_rows(), 1, 1, str(src_dir)), mp)
     dst_dir.mkdir(parents=True, exist_ok=True)
-    keys = first.keys()
-    desc = f"{first.describe()} -> {mp} shard(s)"
-    with tqdm(total=mp * len(keys), unit="tensor", desc=desc, disable=None if show_progress else True) as bar:
-        for rank in range(mp):
-            reader = first if rank == 0 else open_checkpoint(src, rank, mp)[1]
-            shard = {}
-            for key in keys:
-                shard[key] = reader.read(key).clone()  # compact storage: save writes just this tensor
-                bar.update()
-            torch.save(shard, dst_dir / f"consolidated.{rank:02d}.pth")
-            del shard, reader
+    write_shards(src, dst_dir, mp, f"{first.describe()} -> {mp} shard(s)", show_progress)
     if not copy_if_present(src_dir, dst_dir, "params.json"):
         (dst_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     copy_if_present(src_dir, dst_dir, "tokenizer.model")
