@@ -292,6 +292,9 @@ def main(argv=None) -> None:
     parser.add_argument("--debug", action="store_true", help="log tracebacks of internal errors")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--compile", action="store_true", help="compile the decode step (see README)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="weight-only quantization of the projections (see README)")
+    parser.add_argument("--group_size", type=int, default=None, help="int4 group size (default: see README)")
     a = parser.parse_args(argv)
     try:
         import starlette  # noqa: F401
@@ -311,7 +314,8 @@ def main(argv=None) -> None:
         server, thread = start_http(create_app(state), a.host, a.port)
         print(f"llama.server: listening on http://{a.host}:{a.port} (loading {a.ckpt_dir})", file=sys.stderr)
     generator = Llama.build(a.ckpt_dir, a.tokenizer_path,
-                            a.max_seq_len, a.max_batch_size, dtype=a.dtype, compile=a.compile)
+                            a.max_seq_len, a.max_batch_size, dtype=a.dtype, compile=a.compile,
+                            quantize=a.quantize, group_size=a.group_size)
     scheduler = Scheduler(generator.engine, generator.tokenizer, max_queue=a.max_queue)
 
     def stop(signum, frame):
