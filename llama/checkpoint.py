@@ -79,6 +79,7 @@ class ShardReader:
 
     def __init__(self, paths: List[Path], rank: int, mp_size: int):
         self.paths, self.rank, self.mp_size = paths, rank, mp_size
+        self.tied = False  # Meta's checkpoints always carry output.weight
         k = len(paths)
         # Shards overlapping the fraction [rank / mp_size, (rank + 1) / mp_size) of a split weight.
         self.needed = range(rank * k // mp_size, -(-(rank + 1) * k // mp_size))

@@ -134,7 +134,8 @@ class GGUFWeightReader:
             why = UNUSED_TENSORS.get(unknown[0], "not part of a Llama model")
             raise ValueError(f"{str(path)!r} holds {len(unknown)} tensor(s) that cannot be loaded, e.g. "
                              f"{unknown[0]} ({why})")
-        if "output.weight" not in self.tensors and "tok_embeddings.weight" in self.tensors:
+        self.tied = "output.weight" not in self.tensors and "tok_embeddings.weight" in self.tensors
+        if self.tied:
             self.tensors["output.weight"] = self.tensors["tok_embeddings.weight"]
 
     def params(self) -> dict:

@@ -177,7 +177,8 @@ class HFReader:
                 f"{folder} holds {len(unknown)} tensor(s) that are not part of a Llama model, e.g. {unknown[:3]}: "
                 "only LlamaForCausalLM's own weights (unquantized, without adapters) can be loaded"
             )
-        if tied_embeddings(folder) and "tok_embeddings.weight" in self.names:
+        self.tied = tied_embeddings(folder) and "tok_embeddings.weight" in self.names
+        if self.tied:
             self.names["output.weight"] = self.names["tok_embeddings.weight"]  # read again, split by rows
         elif "output.weight" not in self.names and "tok_embeddings.weight" in self.names:
             raise ValueError(

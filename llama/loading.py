@@ -39,6 +39,8 @@ class WeightReader(Protocol):
     rotary layout: checkpoint.ShardReader (Meta's layout), hf.HFReader (Hugging Face's) and
     gguf.GGUFWeightReader (llama.cpp's)."""
 
+    tied: bool  # output.weight is the input embedding, read again (split by rows)
+
     def describe(self) -> str:
         """The files read, for messages and progress bars."""
         ...
@@ -240,6 +242,9 @@ def load_model(
         if scheme is not None and is_projection(key):
             shard = read_quantized(reader, key, scheme, declared, device, folder if check_weights else None)
             install(model, key, kernel_weight(shard, device))
+            continue
+        if key == "output.weight" and reader.tied and mp_size == 1:
+            loaded[key] = loaded["tok_embeddings.weight"]  # one tensor for both: no second copy
             continue
         loaded[key] = reader.read(key, dtype, device)
         if check_weights:

@@ -107,6 +107,12 @@ def test_smollm2_generation_matches_transformers(smollm2, transformers_model):
         assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-4
 
 
+def test_tied_output_layer_is_the_embedding_on_one_process(smollm2):
+    """At MP=1 the tied output layer and the embedding are one tensor (no second dequantized copy)."""
+    model = smollm2.model
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+
+
 def test_smollm2_hyper_parameters(smollm2_gguf):
     reader = GGUFWeightReader(smollm2_gguf, 0, 1)
     args = ModelArgs(**reader.params())
