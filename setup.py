@@ -20,6 +20,16 @@ setup(
         "tokenizers",  # byte-level BPE vocabularies (GGUF "gpt2", Hugging Face tokenizer.json)
         "jinja2",  # chat templates carried by checkpoints
     ],
+    entry_points={
+        "console_scripts": [  # each is also `python -m llama.NAME`
+            "llama-server = llama.server:main",
+            "llama-convert = llama.convert:main",
+            "llama-reshard = llama.reshard:main",
+            "llama-quantize = llama.quantize:main",
+            "llama-memory = llama.memory:main",
+            "llama-tiny = llama.tiny:main",
+        ],
+    },
     extras_require={
         "server": ["starlette", "uvicorn"],  # python -m llama.server
         # transformers (+ accelerate for its GGUF loading): the reference for the Hugging Face and
