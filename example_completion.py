@@ -5,9 +5,8 @@
 
 from typing import Optional
 
-import fire
-
 from llama import Llama
+from llama.cli import fire_checked
 from llama.distributed import is_main_process
 
 
@@ -68,4 +67,4 @@ def show(text: str) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_checked(main)

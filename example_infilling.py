@@ -4,9 +4,8 @@ and their Instruct variants).
     torchrun --nproc_per_node 1 example_infilling.py --ckpt_dir CodeLlama-7b/ --tokenizer_path CodeLlama-7b/tokenizer.model
 """
 
-import fire
-
 from llama import Llama
+from llama.cli import fire_checked
 from llama.distributed import is_main_process
 
 
@@ -76,4 +75,4 @@ def show(text: str) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_checked(main)

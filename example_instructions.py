@@ -6,9 +6,8 @@ format when the tokenizer has a <step> piece).
 
 from typing import List, Optional
 
-import fire
-
 from llama import Dialog, Llama
+from llama.cli import fire_checked
 from llama.distributed import is_main_process
 
 
@@ -89,4 +88,4 @@ def show(text: str) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_checked(main)

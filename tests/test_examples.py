@@ -9,6 +9,8 @@ import pytest
 
 from test_distributed import torchrun
 
+from llama.cli import unknown_flag
+
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--temperature", "0", "--max_gen_len", "8"]
 
@@ -54,3 +56,21 @@ def test_tiny_cli(tmp_path):
     assert names == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
     check = subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=tmp_path / "m", capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
+
+
+@pytest.mark.parametrize("script", ["example_completion.py", "example_infilling.py", "example_instructions.py"])
+def test_misspelled_flag_is_refused_before_loading(tiny_dir, script):
+    run = python(ROOT / script, "--ckpt_dir", tiny_dir, "--tokenizer_path", tiny_dir / "tokenizer.model",
+                 "--temprature", "0")
+    assert run.returncode == 2
+    assert "unknown flag --temprature; did you mean --temperature?" in run.stderr
+    assert "Loaded" not in run.stderr + run.stdout  # nothing was built
+
+
+def test_unknown_flag_accepts_what_fire_accepts():
+    def main(ckpt_dir: str, temperature: float = 0.2, stream: bool = False):
+        pass
+
+    assert unknown_flag(main, ["--ckpt_dir", "x", "--temperature=0", "--nostream", "--stream", "--", "--help"]) is None
+    assert unknown_flag(main, ["x", "--ckpt-dir", "y"]) is None  # positional values, dashes for underscores
+    assert "did you mean --stream?" in unknown_flag(main, ["--steam"])
