@@ -4,7 +4,6 @@ row after hanging up, or get past the API key and the Host check."""
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 
