@@ -70,9 +70,10 @@ def prefill(
         if not prompt_logprobs and not any(need_logits[k] for k in group):
             continue
         width = max(lengths[k] for k in group)
-        tokens = torch.zeros((len(group), width), dtype=torch.long, device=model.device)  # right-padded
+        tokens = torch.zeros((len(group), width), dtype=torch.long)  # right-padded, made on the host
         for j, k in enumerate(group):
-            tokens[j, : lengths[k]] = torch.tensor(prompts[k], dtype=torch.long, device=model.device)
+            tokens[j, : lengths[k]] = torch.tensor(prompts[k], dtype=torch.long)
+        tokens = tokens.to(model.device)  # one copy to the device, not one per row
         # Padding only ever follows a row's prompt, so causal attention keeps it out of the prompt.
         for s in range(0, width, chunk):
             h = model.hidden(tokens[:, s : s + chunk], s, rows=slice(row0 + group.start, row0 + group.stop))

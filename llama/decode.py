@@ -43,6 +43,14 @@ class EagerDecode:
         return eager_step(self.model, token, pos, pos_host)
 
 
+# Each (rows bucket, cache length) pair compiles the step once: up to 7 row buckets (max_batch_size
+# 64) times 9 lengths (256 .. 64k). Past dynamo's default of 8 it would quietly run the step uncompiled
+# over the whole static cache; past this limit it raises instead, so the fallback below says so.
+RECOMPILE_LIMIT = 64
+LIMITS = {name: value for name, value in {"recompile_limit": RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True}.items()
+          if hasattr(torch._dynamo.config, name)}  # both exist since PyTorch 2.6
+
+
 class CompiledDecode:
     """The decode step compiled with torch.compile for static shapes (CUDA graphs on a GPU).
 
@@ -94,7 +102,8 @@ class CompiledDecode:
             token = torch.cat([token, token.new_zeros(rows - n)])
             pos = torch.cat([pos, pos.new_zeros(rows - n)])
         try:
-            return self.compiled(token, pos)[:n].clone()  # a CUDA graph's next replay overwrites its output
+            with torch._dynamo.config.patch(**LIMITS):
+                return self.compiled(token, pos)[:n].clone()  # a CUDA graph's next replay overwrites its output
         except Exception as e:  # compilation is best effort: any failure falls back to eager
             self.broken = f"{type(e).__name__}: {e}".splitlines()[0]
             warnings.warn(f"compile=True: the decode step could not be compiled ({self.broken}); running eagerly")

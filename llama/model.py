@@ -270,8 +270,9 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Logits (float32) for every position of `tokens` (B, T), which sit at positions
-        start_pos..start_pos+T-1 after whatever this model's KV cache holds before start_pos."""
+        """Logits (float32, on the model's device) for every position of `tokens` (B, T; on any
+        device), which sit at positions start_pos..start_pos+T-1 after whatever this model's KV
+        cache holds before start_pos."""
         if start_pos + tokens.shape[1] > self.params.max_seq_len:
             raise ValueError(
                 f"positions up to {start_pos + tokens.shape[1]} exceed max_seq_len={self.params.max_seq_len}; "
@@ -282,7 +283,7 @@ class Transformer(nn.Module):
                 f"batch of {tokens.shape[0]} exceeds max_batch_size={self.params.max_batch_size}"
             )
         self.reserve_cache(tokens.shape[0], start_pos + tokens.shape[1])
-        return self.logits(self.hidden(tokens, start_pos))
+        return self.logits(self.hidden(tokens.to(self.device), start_pos))
 
     @property
     def device(self) -> torch.device:

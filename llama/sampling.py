@@ -61,7 +61,7 @@ def sample_top_p(probs: torch.Tensor, p, generator: Optional[torch.Generator] = 
     whose preceding cumulative probability already exceeds p is dropped, the rest renormalised."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
-    probs_sort[probs_sum - probs_sort > p] = 0.0
+    probs_sort.masked_fill_(probs_sum - probs_sort > p, 0.0)  # not x[mask] = 0: that syncs a GPU with the host
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     return torch.gather(probs_idx, -1, _race(probs_sort, generator))
 

@@ -10,8 +10,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from device import DEVICE, UNAVAILABLE  # noqa: E402
 from llama.convert import to_hf  # noqa: E402
 from llama.tiny import write_tiny_model  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """LLAMA_TEST_DEVICE names a device this machine lacks: every test is skipped, saying why."""
+    if UNAVAILABLE:
+        for item in items:
+            item.add_marker(pytest.mark.skip(reason=UNAVAILABLE))
 
 
 @pytest.fixture(scope="session")
@@ -43,11 +51,11 @@ def tiny_step_mp2_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def generator(tiny_dir):
-    """A float32 CPU generator on tiny_dir, shared by tests that do not change it."""
+    """A float32 generator (on the test device) on tiny_dir, shared by tests that do not change it."""
     from llama import Llama
 
     return Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), max_seq_len=128, max_batch_size=4,
-                       device="cpu", dtype="float32")
+                       device=DEVICE, dtype="float32")
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +63,7 @@ def step_generator(tiny_step_dir):
     from llama import Llama
 
     return Llama.build(str(tiny_step_dir), str(tiny_step_dir / "tokenizer.model"), max_seq_len=128,
-                       max_batch_size=4, device="cpu", dtype="float32")
+                       max_batch_size=4, device=DEVICE, dtype="float32")
 
 
 @pytest.fixture(scope="session")

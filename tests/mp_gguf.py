@@ -8,6 +8,7 @@ generation from the same lists} to OUT_FILE (tests/test_gguf.py).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,9 +19,11 @@ import torch.distributed as dist  # noqa: E402
 
 from llama import Llama  # noqa: E402
 
+DEVICE = os.environ.get("LLAMA_TEST_DEVICE", "cpu")  # what tests/device.py hands down
+
 if __name__ == "__main__":
     path, out, tokens = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
-    generator = Llama.build(path, max_seq_len=64, max_batch_size=len(tokens), device="cpu", dtype="float32")
+    generator = Llama.build(path, max_seq_len=64, max_batch_size=len(tokens), device=DEVICE, dtype="float32")
     with torch.inference_mode():
         logits = generator.model.forward(torch.tensor(tokens), 0)
     generated, logprobs = generator.generate(tokens, 8, temperature=0, logprobs=True, stop_token=-1)

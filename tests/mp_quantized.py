@@ -8,6 +8,7 @@ completions and a stream; a build that fails records its error. Rank R saves {NA
 OUT_DIR/rank{R}.pt.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import torch.distributed as dist  # noqa: E402
 
 from llama import Llama  # noqa: E402
 
+DEVICE = os.environ.get("LLAMA_TEST_DEVICE", "cpu")  # what tests/device.py hands down
+
 TOKENS = [[1, 45, 300, 12, 77, 8, 150, 9, 260, 33], [1, 7, 7, 7, 99, 400, 2, 5, 6, 10]]
 PROMPTS = ["def fibonacci(n: int) -> int:", "import os", "The quick brown fox jumps over the lazy dog. Write"]
 
@@ -25,7 +28,7 @@ PROMPTS = ["def fibonacci(n: int) -> int:", "import os", "The quick brown fox ju
 def results(spec: str) -> dict:
     ckpt, mode, group = (spec.split(":") + [None, None])[:3]
     try:
-        generator = Llama.build(ckpt, f"{ckpt}/tokenizer.model", max_seq_len=128, max_batch_size=4, device="cpu",
+        generator = Llama.build(ckpt, f"{ckpt}/tokenizer.model", max_seq_len=128, max_batch_size=4, device=DEVICE,
                                 dtype="float32", quantize=mode or None, group_size=int(group) if group else None)
     except ValueError as e:
         return {"error": str(e)}

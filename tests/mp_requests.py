@@ -7,6 +7,7 @@ the requests for its kind of tokenizer; rank R writes {NAME: answers} to OUT_DIR
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from llama import Llama  # noqa: E402
+
+DEVICE = os.environ.get("LLAMA_TEST_DEVICE", "cpu")  # what tests/device.py hands down
 
 PROMPTS = ["def fibonacci(n: int) -> int:", "import os", "The quick brown fox jumps over the lazy dog. Write"]
 PREFIX, SUFFIX = "def add(a, b):\n    ", "\n    return c\n"
@@ -64,7 +67,7 @@ def step_requests(generator: Llama) -> dict:
 
 def build(ckpt_dir: str) -> Llama:
     return Llama.build(ckpt_dir, f"{ckpt_dir}/tokenizer.model", max_seq_len=128, max_batch_size=4,
-                       device="cpu", dtype="float32")
+                       device=DEVICE, dtype="float32")
 
 
 def answers(ckpt_dir: str) -> dict:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from device import subprocess_env
+
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-secret"
 
@@ -25,7 +27,7 @@ def start(cmd, port, env=None) -> subprocess.Popen:
     """Start `cmd` (its output goes to a file: `output(proc)`) and wait until /health answers 200."""
     log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                            start_new_session=True, env=subprocess_env(**(env or {})))
     proc.log_path = log.name
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -42,7 +44,9 @@ def start(cmd, port, env=None) -> subprocess.Popen:
 
 
 def server_cmd(ckpt_dir, port, *args) -> list:
-    return [sys.executable, "-m", "llama.server", "--ckpt_dir", str(ckpt_dir), "--port", str(port), *map(str, args)]
+    """The server on the test device, in float32 like the tests' in-process expectations."""
+    return [sys.executable, "-m", "llama.server", "--ckpt_dir", str(ckpt_dir), "--port", str(port),
+            "--dtype", "float32", *map(str, args)]
 
 
 def output(proc: subprocess.Popen) -> str:

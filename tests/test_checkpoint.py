@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from device import DEVICE
 from llama import Llama
 from llama.checkpoint import ShardReader, shard_paths
 from llama.files import load_shard
@@ -19,7 +20,7 @@ PROMPTS = ["def fibonacci(n: int) -> int:", "import os", "The quick brown fox"]
 
 
 def build(ckpt: Path, **kw) -> Llama:
-    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), 128, 4, device="cpu", dtype="float32", **kw)
+    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), 128, 4, device=DEVICE, dtype="float32", **kw)
 
 
 def answers(generator: Llama):

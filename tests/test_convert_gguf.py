@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
 
 import llama.gguf_export
+from device import DEVICE
 from llama import Llama
 from llama.convert import main
 from llama.gguf_export import write_gguf
@@ -311,7 +312,7 @@ def test_export_loads_back_as_the_meta_checkpoint(tiny_dir, exports, generator):
     """python -m llama.convert to-gguf, then Llama.build on the file alone (its own vocabulary):
     the f32 export gives the Meta checkpoint's logits bit for bit and greedy answers, and its
     rebuilt sentencepiece vocabulary tokenizes every text (infilling pieces too) as tokenizer.model."""
-    exported = Llama.build(str(exports["f32"]), max_seq_len=128, max_batch_size=4, device="cpu", dtype="float32")
+    exported = Llama.build(str(exports["f32"]), max_seq_len=128, max_batch_size=4, device=DEVICE, dtype="float32")
     tokens = torch.tensor([[1, 45, 300, 12, 77, 8], [1, 7, 7, 99, 400, 2]])
     assert torch.equal(exported.model.forward(tokens, 0), generator.model.forward(tokens, 0))
     meta, ours = generator.tokenizer, exported.tokenizer

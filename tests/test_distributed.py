@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from device import DEVICE, need_processes, subprocess_env
 import mp_requests
 from llama.reshard import reshard
 
@@ -18,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def torchrun(*args, nproc=2, timeout=300) -> subprocess.CompletedProcess:
     """torchrun --standalone picks a free port, so back-to-back runs never collide."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    need_processes(nproc)
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -102,7 +104,7 @@ def test_unsupported_degree_under_torchrun(tiny_dir, tmp_path):
     script.write_text(
         f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
         "from llama import Llama\n"
-        f"Llama.build({str(tiny_dir)!r}, {str(tiny_dir / 'tokenizer.model')!r}, 32, 1, device='cpu')\n"
+        f"Llama.build({str(tiny_dir)!r}, {str(tiny_dir / 'tokenizer.model')!r}, 32, 1, device={DEVICE!r})\n"
     )
     run = torchrun(script, nproc=3, timeout=120)
     assert run.returncode != 0

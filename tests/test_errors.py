@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from device import DEVICE
 from llama import Llama
 from llama.tiny import train_tokenizer
 
@@ -49,7 +50,7 @@ def still_works(generator, baseline):
 
 
 def build(ckpt_dir, tokenizer_path=None, **kw):
-    kw = {"max_seq_len": 64, "max_batch_size": 2, "device": "cpu", "dtype": "float32", **kw}
+    kw = {"max_seq_len": 64, "max_batch_size": 2, "device": DEVICE, "dtype": "float32", **kw}
     tokenizer_path = Path(ckpt_dir) / "tokenizer.model" if tokenizer_path is None else tokenizer_path
     return Llama.build(str(ckpt_dir), str(tokenizer_path), **kw)
 

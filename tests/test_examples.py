@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from device import subprocess_env
 from test_distributed import torchrun
 
 from llama.cli import unknown_flag
@@ -16,7 +17,7 @@ FLAGS = ["--temperature", "0", "--max_gen_len", "8"]
 
 
 def python(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

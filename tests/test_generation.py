@@ -6,6 +6,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from device import DEVICE
 from llama import Llama
 from llama.generation import UNSAFE_ERROR
 from naive import NaiveLlama
@@ -98,7 +99,7 @@ def test_batched_equals_one_by_one(generator):
 
 def test_sampling_is_seeded(tiny_dir):
     def build():
-        return Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 64, 2, device="cpu", dtype="float32", seed=7)
+        return Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 64, 2, device=DEVICE, dtype="float32", seed=7)
 
     a = build().text_completion(PROMPTS[:2], temperature=1.0, top_p=0.9, max_gen_len=16)
     b = build().text_completion(PROMPTS[:2], temperature=1.0, top_p=0.9, max_gen_len=16)
@@ -168,7 +169,7 @@ def test_special_tags_are_refused(generator):
 def test_second_build_in_one_process(tiny_dir, tiny_step_dir, generator):
     """Building again (another checkpoint, another dtype) leaves the first generator working."""
     before = generator.text_completion(PROMPTS[:1], temperature=0, max_gen_len=6)
-    other = Llama.build(str(tiny_step_dir), str(tiny_step_dir / "tokenizer.model"), 32, 1, device="cpu", dtype="bfloat16")
+    other = Llama.build(str(tiny_step_dir), str(tiny_step_dir / "tokenizer.model"), 32, 1, device=DEVICE, dtype="bfloat16")
     assert other.model.output.weight.dtype == torch.bfloat16
     assert other.text_completion(["hi"], temperature=0, max_gen_len=4)[0]["generation"]
     assert generator.text_completion(PROMPTS[:1], temperature=0, max_gen_len=6) == before
@@ -176,7 +177,7 @@ def test_second_build_in_one_process(tiny_dir, tiny_step_dir, generator):
 
 def test_bfloat16_is_close_to_float32(tiny_dir, generator):
     """The default on CUDA is bfloat16; its logits track float32 closely on the same weights."""
-    bf16 = Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 64, 1, device="cpu", dtype=torch.bfloat16)
+    bf16 = Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 64, 1, device=DEVICE, dtype=torch.bfloat16)
     tokens = torch.tensor([[1, 45, 300, 12, 77, 8]])
     diff = (bf16.model.forward(tokens, 0) - generator.model.forward(tokens, 0)).abs().max()
     assert diff < 0.5
@@ -240,7 +241,7 @@ def test_prefill_groups_bound_padding():
 def test_compiled_decode_gives_the_same_answers(tiny_dir, generator):
     """compile=True (torch.compile of the decode step, static shapes) changes nothing but speed,
     across batch sizes as rows finish and are dropped."""
-    compiled = Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 128, 4, device="cpu",
+    compiled = Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 128, 4, device=DEVICE,
                            dtype="float32", compile=True)
     prompts = PROMPTS + ["x"]
     stop = generator.generate([[1, 5]], 6, temperature=0)[0][0][2]

@@ -15,6 +15,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
+from device import DEVICE, need_processes, subprocess_env
 from llama import Llama, distributed
 from llama.files import load_shard
 from llama.gguf import GGUFWeightReader, gguf_name
@@ -25,19 +26,19 @@ from llama.parallel import shard_dim
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_VOCAB = 49152
 TOKENS = [[1, 504, 3458, 282, 4193, 314, 253, 1345, 30, 198], [28, 9, 600, 12000, 45000, 7, 7, 7, 2, 40]]
-CPU = torch.device("cpu")
+DEV = torch.device(DEVICE)
 
 
 def load(path, vocab_size=SMOLLM2_VOCAB):
-    """A float32 CPU model on one process, as Llama.build makes it (without the tokenizer)."""
-    distributed.setup_model_parallel(1, CPU)
-    return load_model(str(path), vocab_size, 64, 2, Placement(0, 1, torch.float32, CPU), show_progress=False)
+    """A float32 model (on the test device) on one process, as Llama.build makes it (without the tokenizer)."""
+    distributed.setup_model_parallel(1, DEV)
+    return load_model(str(path), vocab_size, 64, 2, Placement(0, 1, torch.float32, DEV), show_progress=False)
 
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf) -> Llama:
-    """SmolLM2 built from the file alone (its vocabulary too), float32 on the CPU, one process."""
-    return Llama.build(str(smollm2_gguf), max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32")
+    """SmolLM2 built from the file alone (its vocabulary too), float32 on the test device, one process."""
+    return Llama.build(str(smollm2_gguf), max_seq_len=64, max_batch_size=2, device=DEVICE, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,8 @@ def test_smollm2_split_over_three_processes(smollm2, smollm2_gguf, smollm2_logit
     block-aligned columns (and the tied output layer's rows); the gathered logits, greedy tokens and
     log-probabilities are those of one process."""
     out = tmp_path / "logits.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    need_processes(3)
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
            str(ROOT / "tests" / "mp_gguf.py"), str(smollm2_gguf), str(out), json.dumps(TOKENS)]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -193,7 +195,7 @@ def bf16_gguf(tiny_dir, tmp_path_factory) -> Path:
 
 
 def build(path, tokenizer: Path) -> Llama:
-    return Llama.build(str(path), str(tokenizer), 64, 2, device="cpu", dtype="float32")
+    return Llama.build(str(path), str(tokenizer), 64, 2, device=DEVICE, dtype="float32")
 
 
 def test_bf16_gguf_is_the_meta_checkpoint(bf16_gguf, tiny_dir, generator):
@@ -256,9 +258,9 @@ def test_non_finite_weight(tiny_dir, tmp_path):
     embedding[7, 3] = np.nan
     path = tiny_gguf(tiny_dir, tmp_path / "nan.gguf", qtype=GGMLQuantizationType.Q8_0,
                      extra={"token_embd.weight": embedding})
-    distributed.setup_model_parallel(1, CPU)
+    distributed.setup_model_parallel(1, DEV)
     with pytest.raises(ValueError, match="tok_embeddings.weight .*NaN or infinite"):
-        load_model(str(path), 520, 64, 2, Placement(0, 1, torch.float32, CPU), show_progress=False, check_weights=True)
+        load_model(str(path), 520, 64, 2, Placement(0, 1, torch.float32, DEV), show_progress=False, check_weights=True)
 
 
 def test_missing_file(tmp_path):

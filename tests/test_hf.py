@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from device import DEVICE
 from llama import Llama
 from llama.files import load_shard
 from llama.hf import HFReader, read_config
@@ -24,7 +25,7 @@ PROMPTS = ["def fibonacci(n: int) -> int:", "import os", "The quick brown fox"]
 
 
 def build(ckpt: Path, **kw) -> Llama:
-    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), 128, 4, device="cpu", dtype="float32", **kw)
+    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), 128, 4, device=DEVICE, dtype="float32", **kw)
 
 
 def hf_logits(folder: Path) -> torch.Tensor:

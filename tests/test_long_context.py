@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from device import DEVICE
 from llama import Llama
 from llama.batch import prefill as batch_prefill
 from llama.distributed import check_cuda_room
@@ -61,7 +62,7 @@ def test_chunked_generation_equals_one_shot(generator):
 def test_nothing_of_max_seq_len_is_reserved(tiny_dir):
     """max_seq_len=100_000 with max_batch_size=4 (195 GiB of KV cache for a 7B in the reference)
     reserves nothing at build; a call reserves what it needs, rounded up."""
-    gen = Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 100_000, 4, device="cpu", dtype="float32")
+    gen = Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 100_000, 4, device=DEVICE, dtype="float32")
     assert gen.model.cache is None
     gen.text_completion(["import os", "x"], temperature=0, max_gen_len=20)
     cache = gen.model.cache
@@ -81,7 +82,7 @@ def test_cache_grows_for_a_longer_call_and_is_reused(generator):
 
 def test_long_prompt_warning(tiny_dir):
     """A prompt longer than the trained context warns (4k tokens with rope_theta 1e4), never refuses."""
-    gen = Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 4200, 1, device="cpu", dtype="float32")
+    gen = Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 4200, 1, device=DEVICE, dtype="float32")
     gen.model.params.rope_theta = 10000.0
     with pytest.warns(UserWarning, match="4100 tokens is longer than the 4096"):
         gen.generate([[1] * 4100], max_gen_len=2, temperature=0)

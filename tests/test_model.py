@@ -10,7 +10,7 @@ PROMPT = [1, 45, 300, 12, 77, 8, 150, 9, 260, 33, 5, 90, 411, 17]
 
 
 def full_logits(model: Transformer, tokens) -> torch.Tensor:
-    return model.forward(torch.tensor([tokens]), 0)[0]
+    return model.forward(torch.tensor([tokens]), 0)[0].cpu()
 
 
 @pytest.mark.parametrize("fixture", ["generator", "step_generator"], ids=["gqa", "mha"])
@@ -28,7 +28,7 @@ def test_token_by_token_equals_full_forward(generator):
     """KV-cached incremental decoding gives the logits of a full forward."""
     model = generator.model
     full = full_logits(model, PROMPT)
-    steps = [model.forward(torch.tensor([[t]]), i)[0, 0] for i, t in enumerate(PROMPT)]
+    steps = [model.forward(torch.tensor([[t]]), i)[0, 0].cpu() for i, t in enumerate(PROMPT)]
     torch.testing.assert_close(torch.stack(steps), full, atol=1e-5, rtol=0)
 
 
@@ -38,15 +38,15 @@ def test_chunk_at_start_pos_continues_the_cache(generator, k):
     reference's square mask gets this wrong for several tokens at start_pos > 0."""
     model = generator.model
     full = full_logits(model, PROMPT)
-    first = model.forward(torch.tensor([PROMPT[:k]]), 0)[0]
-    rest = model.forward(torch.tensor([PROMPT[k:]]), k)[0]
+    first = model.forward(torch.tensor([PROMPT[:k]]), 0)[0].cpu()
+    rest = model.forward(torch.tensor([PROMPT[k:]]), k)[0].cpu()
     torch.testing.assert_close(torch.cat([first, rest]), full, atol=1e-5, rtol=0)
 
 
 def test_batch_rows_are_independent(generator):
     model = generator.model
     a, b = PROMPT, PROMPT[::-1]
-    both = model.forward(torch.tensor([a, b]), 0)
+    both = model.forward(torch.tensor([a, b]), 0).cpu()
     torch.testing.assert_close(both[0], full_logits(model, a), atol=1e-5, rtol=0)
     torch.testing.assert_close(both[1], full_logits(model, b), atol=1e-5, rtol=0)
 
@@ -57,10 +57,11 @@ def test_per_row_positions_decode(generator):
     model = generator.model
     a, b = PROMPT[:9], PROMPT[:4]
     model.reserve_cache(2, 16)
-    model.hidden(torch.tensor([a, b + [0] * 5]), 0)  # right-padded prefill
-    nxt = torch.tensor([[7], [8]])
-    h = model.hidden(nxt, torch.tensor([9, 4]))
-    got = model.logits(h[:, -1])
+    on = {"device": model.device}
+    model.hidden(torch.tensor([a, b + [0] * 5], **on), 0)  # right-padded prefill
+    nxt = torch.tensor([[7], [8]], **on)
+    h = model.hidden(nxt, torch.tensor([9, 4], **on))
+    got = model.logits(h[:, -1]).cpu()
     torch.testing.assert_close(got[0], full_logits(model, a + [7])[-1], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], full_logits(model, b + [8])[-1], atol=1e-5, rtol=0)
 

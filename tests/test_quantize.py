@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from device import DEVICE, need_processes, subprocess_env
 from llama import Llama
 from llama.kernels import QuantizedWeight, int4_weight, linear, quantized_device_problem
 from llama.memory import estimate, weight_bytes
@@ -37,7 +38,7 @@ U = torch.finfo(torch.bfloat16).eps / 2  # bfloat16's unit roundoff: rounding to
 
 
 def build(ckpt, **kw) -> Llama:
-    kw = {"max_seq_len": 128, "max_batch_size": 4, "device": "cpu", "dtype": "float32", **kw}
+    kw = {"max_seq_len": 128, "max_batch_size": 4, "device": DEVICE, "dtype": "float32", **kw}
     return Llama.build(str(ckpt), str(Path(ckpt) / "tokenizer.model"), **kw)
 
 
@@ -103,7 +104,7 @@ def test_linear_equals_the_dequantized_product(scheme, rows):
     w = torch.randn(96, 512, generator=g) * 0.05
     x = torch.randn(2, rows, 512, generator=g)
     t = quantize(w, scheme)
-    weight = kernel_weight(t, torch.device("cpu"))
+    weight = kernel_weight(t, torch.device(DEVICE))
     assert isinstance(weight, QuantizedWeight) and weight.shape == (96, 512)
     got = linear(x, weight)
     deq = dequantize(t).double()
@@ -213,7 +214,8 @@ def mp2_results(tiny_dir, int8_dir, int4_dir, int4_64_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("mp2q")
     specs = {"int8_file": int8_dir, "int8_load": f"{tiny_dir}:int8", "int4_file": int4_dir,
              "int4_load": f"{tiny_dir}:int4", "int4_64_file": int4_64_dir, "int4_64_load": f"{tiny_dir}:int4:64"}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    need_processes(2)
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "mp_quantized.py"), str(out), *(f"{k}={v}" for k, v in specs.items())]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -279,7 +281,7 @@ ANSWER_TOKENS = 8
 
 
 def smollm2_build(path, **kw) -> Llama:
-    return Llama.build(str(path), max_seq_len=512, max_batch_size=1, device="cpu", dtype="float32", **kw)
+    return Llama.build(str(path), max_seq_len=512, max_batch_size=1, device=DEVICE, dtype="float32", **kw)
 
 
 def smollm2_run(generator: Llama):

@@ -15,7 +15,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from servers import KEY, free_port, output, start, stop  # noqa: E402
+from device import need_processes  # noqa: E402
+from servers import KEY, free_port, output, server_cmd, start, stop  # noqa: E402
 
 PROMPTS = ["def fibonacci(n: int) -> int:", "import os", "The quick brown fox", "x", "for i in range(10):",
            "SELECT name FROM users", "class Stack:", "Hello world"]
@@ -24,8 +25,7 @@ PROMPTS = ["def fibonacci(n: int) -> int:", "import os", "The quick brown fox", 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
     port = free_port()
-    proc = start([sys.executable, "-m", "llama.server", "--ckpt_dir", str(tiny_dir), "--port", str(port),
-                  "--max_seq_len", "256", "--max_batch_size", "4"], port, env={"LLAMA_API_KEY": KEY})
+    proc = start(server_cmd(tiny_dir, port, "--max_seq_len", 256, "--max_batch_size", 4), port, env={"LLAMA_API_KEY": KEY})
     yield f"http://127.0.0.1:{port}"
     assert stop(proc) == 0, "SIGTERM stops the server cleanly"
 
@@ -229,8 +229,7 @@ def test_load_run_loses_nothing(server, generator):
 
 def test_full_queue_answers_503(tiny_dir):
     port = free_port()
-    proc = start([sys.executable, "-m", "llama.server", "--ckpt_dir", str(tiny_dir), "--port", str(port),
-                  "--max_seq_len", "256", "--max_batch_size", "1", "--max_queue", "1"], port)
+    proc = start(server_cmd(tiny_dir, port, "--max_seq_len", 256, "--max_batch_size", 1, "--max_queue", 1), port)
     try:
         def ask(_):
             return httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
@@ -245,10 +244,10 @@ def test_full_queue_answers_503(tiny_dir):
 
 def test_model_parallel_server_under_torchrun(tiny_mp2_dir, generator):
     """torchrun --nproc_per_node 2 -m llama.server: rank 0 serves, both ranks run the batches."""
+    need_processes(2)
     port = free_port()
     proc = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                  "-m", "llama.server", "--ckpt_dir", str(tiny_mp2_dir), "--port", str(port),
-                  "--max_seq_len", "256", "--max_batch_size", "4"], port)
+                  *server_cmd(tiny_mp2_dir, port, "--max_seq_len", 256, "--max_batch_size", 4)[1:]], port)
     try:
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         with ThreadPoolExecutor(4) as pool:

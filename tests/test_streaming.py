@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from device import DEVICE
 from llama import Llama
 from llama.generation import UNSAFE_ERROR
 from llama.tokenizer import StreamDecoder
@@ -43,7 +44,7 @@ def test_chat_stream_refuses_special_tags(generator):
 def test_sampled_stream_matches_sampled_completion(tiny_dir):
     """Same seed, same draws: a sampled stream joins to the sampled non-streamed answer."""
     def build():
-        return Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 64, 1, device="cpu", dtype="float32", seed=3)
+        return Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 64, 1, device=DEVICE, dtype="float32", seed=3)
 
     streamed = "".join(build().text_completion_stream("import os", temperature=0.9, top_p=0.9, max_gen_len=30))
     (result,) = build().text_completion(["import os"], temperature=0.9, top_p=0.9, max_gen_len=30)
