@@ -24,11 +24,13 @@ import argparse
 import importlib.util
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import gguf
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 from llama import Llama  # noqa: E402
 from llama.hf import hf_config, hf_name, meta_to_hf_tensor  # noqa: E402
+from llama.gguf_export import write_gguf  # noqa: E402
+from llama.kernels import QuantizedWeight  # noqa: E402
+from llama.parallel import ParallelEmbedding  # noqa: E402
 from llama.tiny import write_tiny_model  # noqa: E402
 
 SHAPES = {
@@ -47,6 +52,7 @@ SHAPES = {
 RAGGED = [3, 145, 185, 372]
 RAGGED_NEW = 16  # new tokens per ragged row
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_CPP_TYPES = ("F32", "BF16", "Q8_0", "Q4_0")  # llama.cpp's matches for float32, bfloat16, int8, int4
 HBM_GBPS = {"H100": 3350, "H200": 4800, "A100": 2039}  # peak memory bandwidth, GB/s
 
 
@@ -83,14 +89,14 @@ def smollm2_path() -> Path:
 class Ours:
     name = "this package"
 
-    def __init__(self, ckpt, tokenizer_path, device, dtype, max_seq_len, compile=False):
+    def __init__(self, ckpt, tokenizer_path, device, dtype, max_seq_len, compile=False, quantize=None):
         """Llama.build on `ckpt` (a checkpoint folder or a .gguf file; tokenizer_path None: its own)."""
         self.device = device
-        if compile:
-            self.name = "this package, compile=True"
+        self.name = f"this package, {quantize or dtype}" + (", compile=True" if compile else "")
         self.build_s = timed(lambda: setattr(self, "g", Llama.build(
             str(ckpt), tokenizer_path and str(tokenizer_path), max_seq_len, 8, device=str(device), dtype=dtype,
-            compile=compile)), device)
+            compile=compile, quantize=quantize)), device)
+        self.weight_bytes = step_weight_bytes(self.g.model)
 
     def run(self, prompts, n):
         return self.g.generate(prompts, n, temperature=0, stop_token=-1)[0]
@@ -177,10 +183,53 @@ class Transformers:
         return out[:, width:].tolist()
 
 
-def build_ours(ckpt, tokenizer_path, device, dtype, max_seq_len, compile):
-    """This package, eager, and with compile=True when asked (else None)."""
-    ours = Ours(ckpt, tokenizer_path, device, dtype, max_seq_len)
-    return ours, Ours(ckpt, tokenizer_path, device, dtype, max_seq_len, compile=True) if compile else None
+def build_ours(ckpt, tokenizer_path, device, dtype, max_seq_len, compile, precisions=()):
+    """This package: eager in `dtype`, then each of `precisions` (float32, bfloat16: that dtype;
+    int8, int4: quantized projections, the rest in `dtype`), then compile=True in `dtype` when asked."""
+    ours = [Ours(ckpt, tokenizer_path, device, dtype, max_seq_len)]
+    for p in precisions:
+        if p != dtype:
+            quantized = p in ("int8", "int4")
+            ours.append(Ours(ckpt, tokenizer_path, device, dtype if quantized else p, max_seq_len,
+                             quantize=p if quantized else None))
+    if compile:
+        ours.append(Ours(ckpt, tokenizer_path, device, dtype, max_seq_len, compile=True))
+    return ours
+
+
+class LlamaCpp:
+    """llama.cpp at one weight type, measured by benchmarks/llama_cpp_worker.py in the Python that has
+    llama-cpp-python (all types in one call: `run_llama_cpp`); its figures are filled in afterwards."""
+
+    def __init__(self, kind: str, result: dict, gguf_path: Path):
+        self.name, self.build_s = f"llama.cpp, {kind}", None
+        self.seconds, self.tokens = result["seconds"], result["ragged_tokens"]
+        reader = gguf.GGUFReader(str(gguf_path))  # bytes a decode step reads: all but the embedding table
+        self.weight_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+
+
+def run_llama_cpp(python: str, ckpt: Path, work: Path, workloads: dict, decode_len: int, repeat: int) -> list:
+    """Export `ckpt` to an F32 GGUF (python -m llama.convert to-gguf), let llama.cpp quantize it to
+    BF16, Q8_0 and Q4_0, and time each on the same prompts; returns a LlamaCpp per type."""
+    f32 = work / "model-F32.gguf"
+    write_gguf(str(ckpt), str(f32), "f32", show_progress=False)
+    request = {"types": list(LLAMA_CPP_TYPES), "threads": torch.get_num_threads(), "repeat": repeat,
+               "decode_len": decode_len, "prefill": workloads["prefill"][0][0], "short": workloads["decode_b1"][0][0],
+               "ragged": workloads["ragged"][0], "ragged_new": RAGGED_NEW}
+    (work / "request.json").write_text(json.dumps(request))
+    run = subprocess.run([python, str(ROOT / "benchmarks" / "llama_cpp_worker.py"), str(f32), str(work),
+                          str(work / "request.json")], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"llama.cpp worker failed: {run.stderr[-2000:]}")
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    return [LlamaCpp(kind, results[kind], f32 if kind == "F32" else work / f"model-{kind}.gguf") for kind in results]
+
+
+def read_bandwidth() -> float:
+    """GB/s that a plain sum reads from memory on this machine, with this process's threads (1 GiB)."""
+    x = torch.ones(2**28)
+    times = [timed(lambda: x.sum(), torch.device("cpu")) for _ in range(7)]
+    return x.nbytes / statistics.median(times[2:]) / 1e9
 
 
 def random_prompts(vocab: int):
@@ -203,6 +252,21 @@ def text_prompts(tokenizer):
     return prompt
 
 
+def step_weight_bytes(model) -> int:
+    """Bytes of weights a batch-1 decode step reads: every weight but the embedding table (one row
+    of it is read), quantized projections at their packed size with their scales, shared tensors once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or isinstance(module, ParallelEmbedding):
+            continue
+        for t in (weight.data, weight.scales) if isinstance(weight, QuantizedWeight) else (weight,):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.nbytes
+    return total
+
+
 def unique_parameters(model):
     """The model's parameters, each storage once (a tied output layer counted once)."""
     seen = {}
@@ -222,25 +286,30 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "reference"])
     parser.add_argument("--compile", action="store_true", help="also run this package with compile=True")
+    parser.add_argument("--precisions", nargs="*", default=[], choices=["float32", "bfloat16", "int8", "int4"],
+                        help="also run this package at these precisions (int8/int4: quantize= on --dtype)")
+    parser.add_argument("--llama_cpp", metavar="PYTHON", help="a Python with llama-cpp-python: also run llama.cpp "
+                        "(F32, BF16, Q8_0, Q4_0 of the same weights; --shape only)")
     a = parser.parse_args()
     device = torch.device(a.device)
     torch.manual_seed(0)
 
     max_seq_len = max(a.prefill_len, max(RAGGED) + RAGGED_NEW) + a.decode_len + 8
+    tmp = tempfile.TemporaryDirectory()
     if a.model:
-        gguf = smollm2_path()
-        ours, compiled = build_ours(gguf, None, device, a.dtype, max_seq_len, a.compile)
-        hf = None if "transformers" in a.skip else Transformers.from_gguf(gguf, device, a.dtype)
-        prompt = text_prompts(ours.g.tokenizer)
+        path = smollm2_path()
+        variants = build_ours(path, None, device, a.dtype, max_seq_len, a.compile, a.precisions)
+        hf = None if "transformers" in a.skip else Transformers.from_gguf(path, device, a.dtype)
+        prompt = text_prompts(variants[0].g.tokenizer)
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = write_tiny_model(Path(tmp) / "model", **SHAPES[a.shape])
-            ours, compiled = build_ours(ckpt, ckpt / "tokenizer.model", device, a.dtype, max_seq_len, a.compile)
-        hf = None if "transformers" in a.skip else Transformers.sharing(ours)
-        prompt = random_prompts(ours.g.model.vocab_size)
+        ckpt = write_tiny_model(Path(tmp.name) / "model", **SHAPES[a.shape])
+        variants = build_ours(ckpt, ckpt / "tokenizer.model", device, a.dtype, max_seq_len, a.compile, a.precisions)
+        hf = None if "transformers" in a.skip else Transformers.sharing(variants[0])
+        prompt = random_prompts(variants[0].g.model.vocab_size)
+    ours = variants[0]
     n_params = sum(p.numel() for p in unique_parameters(ours.g.model))
-    weight_bytes = sum(p.numel() * p.element_size() for p in unique_parameters(ours.g.model))
-    systems = [ours] + ([compiled] if compiled else []) + ([hf] if hf else [])
+    weight_bytes = ours.weight_bytes
+    systems = variants + ([hf] if hf else [])
     if "reference" not in a.skip:
         systems.append(Reference(ours))
 
@@ -267,35 +336,60 @@ def main():
                     continue  # for one prompt or equal lengths it is the same loop as ours
                 times[s.name][w].append(timed(lambda: s.run(prompts, n), device))
     med = {s: {w: statistics.median(v) for w, v in ws.items() if v} for s, ws in times.items()}
+    if a.llama_cpp:
+        if a.model:
+            raise SystemExit("--llama_cpp runs on --shape checkpoints (the SmolLM2 GGUF is already llama.cpp's)")
+        for cpp in run_llama_cpp(a.llama_cpp, ckpt, Path(tmp.name), workloads, a.decode_len, a.repeat):
+            systems.append(cpp)
+            answers[cpp.name] = cpp.tokens
+            same.append(cpp.tokens == answers[ours.name])
+            sec = cpp.seconds
+            med[cpp.name] = {"prefill": sec["prefill"], "decode_b1_first": sec["decode_first"], "decode_b1": sec["decode"],
+                             "ragged": sec["ragged"]}
+    bandwidth = read_bandwidth() if device.type == "cpu" else None
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     label = a.model or a.shape
     print(f"{'model' if a.model else 'shape'} {label}: {n_params / 1e6:.0f}M parameters, {a.dtype}, "
           f"{device}{' (' + gpu + ')' if gpu else ''}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"greedy answers on the ragged batch equal this package's: {dict(zip([s.name for s in systems], same))}")
-    print("| system | build (s) | prefill (tok/s) | decode b1 (tok/s) | decode b8 (tok/s) | ragged (s) |")
-    print("|---|---|---|---|---|---|")
+    if bandwidth:
+        print(f"read bandwidth (a plain sum over 1 GiB, {torch.get_num_threads()} threads): {bandwidth:.1f} GB/s")
+    print("| system | build (s) | weights read per token (MB) | prefill (tok/s) | decode b1 (tok/s) | decode b1 read "
+          "(GB/s) | decode b8 (tok/s) | ragged (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = {}
     for s in systems:
         m = med[s.name]
-        row = {"ragged_s": m["ragged"], "build_s": s.build_s}
+        row = {"ragged_s": m["ragged"], "build_s": s.build_s, "weight_mb": getattr(s, "weight_bytes", 0) / 1e6 or None}
         if "prefill" in m:
             row["prefill_tok_s"] = a.prefill_len / m["prefill"]
             row["decode_b1_tok_s"] = a.decode_len / (m["decode_b1"] - m["decode_b1_first"])
-            row["decode_b8_tok_s"] = 8 * a.decode_len / (m["decode_b8"] - m["decode_b8_first"])
+            if "decode_b8" in m:
+                row["decode_b8_tok_s"] = 8 * a.decode_len / (m["decode_b8"] - m["decode_b8_first"])
+            if row["weight_mb"]:
+                row["decode_b1_read_gb_s"] = row["weight_mb"] * row["decode_b1_tok_s"] / 1e3
         rows[s.name] = row
 
         def f(key, fmt):
             return format(row[key], fmt) if row.get(key) is not None else "-"
 
-        print(f"| {s.name} | {f('build_s', '.2f')} | {f('prefill_tok_s', '.0f')} | {f('decode_b1_tok_s', '.1f')} "
-              f"| {f('decode_b8_tok_s', '.1f')} | {f('ragged_s', '.2f')} |")
+        read = f("decode_b1_read_gb_s", ".1f")
+        if bandwidth and row.get("decode_b1_read_gb_s"):
+            read += f" ({row['decode_b1_read_gb_s'] / bandwidth:.0%})"
+        print(f"| {s.name} | {f('build_s', '.2f')} | {f('weight_mb', '.0f')} | {f('prefill_tok_s', '.0f')} "
+              f"| {f('decode_b1_tok_s', '.1f')} | {read} | {f('decode_b8_tok_s', '.1f')} | {f('ragged_s', '.2f')} |")
     base = rows[ours.name]
-    for name, row in rows.items():
-        if name != ours.name:
-            ratios = {k: (row[k] / base[k] if k.endswith("_s") and not k.endswith("tok_s") else base[k] / row[k])
-                      for k in ("ragged_s", "decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s") if k in row}
-            print(f"this package vs {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    pairs = [(ours.name, name) for name in rows if name != ours.name and not name.startswith("llama.cpp")]
+    if a.llama_cpp:  # each precision against llama.cpp's matching type
+        mine = {"float32": ours.name, **{v.name.split(", ")[1]: v.name for v in variants if "compile" not in v.name}}
+        pairs += [(mine[p], f"llama.cpp, {t}") for p, t in zip(("float32", "bfloat16", "int8", "int4"), LLAMA_CPP_TYPES)
+                  if p in mine]
+    for left, right in pairs:
+        ratios = {k: (rows[right][k] / rows[left][k] if not k.endswith("tok_s") else rows[left][k] / rows[right][k])
+                  for k in ("ragged_s", "decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s")
+                  if k in rows[left] and k in rows[right]}
+        print(f"{left} vs {right}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print(f"peak memory: {peak_memory_mb(device):.0f} MB ({'CUDA allocator' if gpu else 'host resident set'})")
     if gpu:
         bw = next((v for k, v in HBM_GBPS.items() if k in gpu), None)
@@ -303,7 +397,8 @@ def main():
             share = weight_bytes * base["decode_b1_tok_s"] / (bw * 1e9)
             print(f"batch-1 decode: {weight_bytes / 1e9:.2f} GB of weights x {base['decode_b1_tok_s']:.1f} tok/s = "
                   f"{share:.0%} of the {bw} GB/s roofline")
-    print(json.dumps({"shape": label, "device": str(device), "dtype": a.dtype, "results": rows}))
+    print(json.dumps({"shape": label, "device": str(device), "dtype": a.dtype, "read_gb_s": bandwidth, "results": rows}))
+    tmp.cleanup()
 
 
 if __name__ == "__main__":
