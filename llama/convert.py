@@ -6,8 +6,10 @@
 
 Tensors are converted one at a time from memory-mapped files, with a progress bar; the Meta and
 Hugging Face copies keep the weights' dtype. The Hugging Face copy loads with transformers'
-LlamaForCausalLM.from_pretrained; the GGUF file (weights, hyper-parameters and tokenizer.model's
-vocabulary) runs in llama.cpp.
+LlamaForCausalLM.from_pretrained, with tokenizer.json, tokenizer_config.json and
+generation_config.json made from tokenizer.model (llama/hf_tokenizer.py) for AutoTokenizer and
+GenerationConfig; the GGUF file (weights, hyper-parameters and tokenizer.model's vocabulary) runs in
+llama.cpp. SRC_DIR may be a Hugging Face hub id (owner/name, llama/hub.py).
 """
 
 import argparse
