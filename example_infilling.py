@@ -4,6 +4,8 @@ and their Instruct variants).
     torchrun --nproc_per_node 1 example_infilling.py --ckpt_dir CodeLlama-7b/ --tokenizer_path CodeLlama-7b/tokenizer.model
 """
 
+from typing import Optional
+
 from llama import Llama
 from llama.cli import fire_checked
 from llama.distributed import is_main_process
@@ -11,7 +13,7 @@ from llama.distributed import is_main_process
 
 def main(
     ckpt_dir: str,
-    tokenizer_path: str,
+    tokenizer_path: Optional[str] = None,  # None: the tokenizer in the checkpoint folder
     temperature: float = 0.0,
     top_p: float = 0.9,
     max_seq_len: int = 192,

@@ -13,7 +13,7 @@ from llama.distributed import is_main_process
 
 def main(
     ckpt_dir: str,
-    tokenizer_path: str,
+    tokenizer_path: Optional[str] = None,  # None: the tokenizer in the checkpoint folder
     temperature: float = 0.2,
     top_p: float = 0.95,
     max_seq_len: int = 512,

@@ -1,7 +1,7 @@
 """Generation speed, side by side in one run: this package, Hugging Face transformers' `generate` on
 the same weights, and the reference's token-by-token prompt algorithm.
 
-    python benchmarks/generate.py                       # CPU: a 166M-parameter Code Llama shape, float32
+    python benchmarks/generate.py                       # CPU: a 168M-parameter Code Llama shape, float32
     python benchmarks/generate.py --shape 7b --device cuda --dtype bfloat16 --skip reference
     python benchmarks/generate.py --model smollm2       # a real trained model, from its GGUF file
 
@@ -44,7 +44,9 @@ from llama.parallel import ParallelEmbedding  # noqa: E402
 from llama.tiny import write_tiny_model  # noqa: E402
 
 SHAPES = {
-    # the CPU peers' model in ../shared/research/cpu-peers.md: 166M parameters
+    # the model of the side-by-side CPU comparison with other runners (Meta's reference, transformers,
+    # gpt-fast, llama.cpp): 168M parameters as printed (166M with the embedding and output layer
+    # counted once)
     "cpu": dict(dim=1024, n_layers=12, n_heads=16, n_kv_heads=4, vocab_size=2000, multiple_of=256, ffn_dim_multiplier=1.3),
     "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32016, multiple_of=256, ffn_dim_multiplier=1.0),
     "13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, vocab_size=32016, multiple_of=256, ffn_dim_multiplier=1.0),

@@ -3,7 +3,7 @@
 # compile=True; bfloat16, int8, int4; roofline shares) and the test suite on CUDA. About 8 minutes
 # on an H100; results in $OUT (gpu.json, bench.log, tests.log, tests.xml).
 #
-#   bash benchmarks/gpu.sh                      # on a GPU machine (../shared/gpu/README.md says how)
+#   bash benchmarks/gpu.sh                      # on a machine with an NVIDIA GPU
 #   bash benchmarks/gpu.sh --shape tiny         # the quick setting: any machine, under two minutes
 #
 # Options: --shape 7b|13b|34b|tiny (default 7b), --budget SECONDS for the benchmark (default 280),

@@ -12,3 +12,7 @@ def check_int(name: str, value, minimum: int = 1) -> int:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return value
+
+
+class MissingExtra(ImportError):
+    """An optional dependency a feature needs is not installed; the message names the pip extra."""

@@ -6,8 +6,10 @@
 
 Tensors are converted one at a time from memory-mapped files, with a progress bar; the Meta and
 Hugging Face copies keep the weights' dtype. The Hugging Face copy loads with transformers'
-LlamaForCausalLM.from_pretrained; the GGUF file (weights, hyper-parameters and tokenizer.model's
-vocabulary) runs in llama.cpp.
+LlamaForCausalLM.from_pretrained, with tokenizer.json, tokenizer_config.json and
+generation_config.json made from tokenizer.model (llama/hf_tokenizer.py) for AutoTokenizer and
+GenerationConfig; the GGUF file (weights, hyper-parameters and tokenizer.model's vocabulary) runs in
+llama.cpp. SRC_DIR may be a Hugging Face hub id (owner/name, llama/hub.py).
 """
 
 import argparse
@@ -19,22 +21,31 @@ from typing import Dict, List
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from llama.cli import reports_user_errors
 from llama.files import copy_if_present, refuse_output_files
 from llama.gguf_export import FILE_TYPES, write_gguf
 from llama.hf import hf_config, hf_name, meta_to_hf_tensor
-from llama.loading import model_args, open_checkpoint
+from llama.hf_tokenizer import copy_tokenizer_files, tokenizer_files, write_json
+from llama.loading import model_args, open_checkpoint, resolve_checkpoint
 from llama.quantization import refuse_quantized
 from llama.reshard import reshard
 
 
 def to_hf(src: str, dst: str, shard_bytes: int = 5 * 2**30, show_progress: bool = True) -> Path:
     """Write the checkpoint in `src` (Meta's layout, any number of shards) in Hugging Face's layout
-    into `dst`: config.json, model-0000i-of-0000N.safetensors with their index, tokenizer.model."""
+    into `dst`: config.json, model-0000i-of-0000N.safetensors with their index, tokenizer.model,
+    and the tokenizer.json, tokenizer_config.json and generation_config.json made from it
+    (llama.hf_tokenizer)."""
+    src = resolve_checkpoint(src)
     src_dir, dst_dir = Path(src), Path(dst)
     params, reader = open_checkpoint(src, 0, 1)
     refuse_quantized(params, str(src_dir / "params.json"), "converting to Hugging Face's layout")
     refuse_output_files(dst_dir, ".safetensors")
     args = model_args(params, reader.vocab_rows(), 16384, 1, str(src_dir))
+    config = hf_config(args)
+    # Built and checked against sentencepiece before any weight is written.
+    tokenizer = (tokenizer_files(src_dir / "tokenizer.model", config["max_position_embeddings"])
+                 if (src_dir / "tokenizer.model").is_file() else {})
     keys = [k for k in reader.keys() if hf_name(k) is not None]  # e.g. rope.freqs has no use there
     dtype = reader.read(keys[0]).dtype
     # Plan the files first: their names say how many there are.
@@ -63,13 +74,17 @@ def to_hf(src: str, dst: str, shard_bytes: int = 5 * 2**30, show_progress: bool 
             del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (dst_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config = hf_config(args)
     config["torch_dtype"] = str(dtype).replace("torch.", "")
     (dst_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_if_present(src_dir, dst_dir, "tokenizer.model")
+    for name, content in tokenizer.items():
+        write_json(dst_dir / name, content)
+    if not tokenizer:
+        copy_tokenizer_files(src_dir, dst_dir)
     return dst_dir
 
 
+@reports_user_errors("python -m llama.convert")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
@@ -87,15 +102,12 @@ def main(argv=None) -> None:
     gg.add_argument("--type", default="f32", choices=list(FILE_TYPES),
                     help="type of the weight matrices (default f32; norms stay f32)")
     a = parser.parse_args(argv)
-    try:
-        if a.direction == "to-hf":
-            out = to_hf(a.src_dir, a.dst_dir, shard_bytes=int(a.shard_size_gb * 2**30))
-        elif a.direction == "to-gguf":
-            out = write_gguf(a.src_dir, a.dst_file, a.type)
-        else:
-            out = reshard(a.src_dir, a.dst_dir, a.mp)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        parser.error(str(e))
+    if a.direction == "to-hf":
+        out = to_hf(a.src_dir, a.dst_dir, shard_bytes=int(a.shard_size_gb * 2**30))
+    elif a.direction == "to-gguf":
+        out = write_gguf(a.src_dir, a.dst_file, a.type)
+    else:
+        out = reshard(a.src_dir, a.dst_dir, a.mp)
     print(f"wrote {out}")
 
 

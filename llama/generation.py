@@ -29,7 +29,7 @@ from llama.formats import (
     infilling_prompt_tokens,
     infilling_stop_ids,
 )
-from llama.loading import Placement, checkpoint_folder, load_model
+from llama.loading import Placement, load_model, resolve_checkpoint
 from llama.model import Transformer
 from llama.quantization import check_request
 from llama.sampling import SamplingParams
@@ -88,7 +88,8 @@ class Llama:
             ckpt_dir: folder with params.json and consolidated.NN.pth shards (any number: each rank
                 reads its slice), or with config.json and model*.safetensors, or a .gguf file (or a
                 folder holding exactly one). GGUF tensors may be quantized (Q4_0 ... Q8_0, K-quants):
-                they are dequantized into `dtype` as they load.
+                they are dequantized into `dtype` as they load. Or a Hugging Face hub id,
+                "owner/name[@revision]", fetched into the hub's cache (llama.hub).
             tokenizer_path: the checkpoint's tokenizer.model; None: the tokenizer the checkpoint
                 folder carries.
             max_seq_len: longest prompt + generation, in tokens (the KV cache grows with the
@@ -122,7 +123,7 @@ class Llama:
         check_int("max_batch_size", max_batch_size)
         check_int("prefill_chunk_size", prefill_chunk_size)
         check_request(quantize, group_size)
-        checkpoint_folder(ckpt_dir)  # first: a missing folder is named as such, not as a missing tokenizer
+        ckpt_dir = resolve_checkpoint(ckpt_dir)  # first: a missing folder is named as such; a hub id is fetched
         start = time.time()
         device = distributed.resolve_device(device)
         dtype = distributed.resolve_dtype(dtype, device)

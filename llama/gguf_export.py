@@ -27,7 +27,7 @@ from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
 from llama.gguf import META_TO_GGUF, gguf_name
-from llama.loading import WeightReader, model_args, open_checkpoint
+from llama.loading import WeightReader, model_args, open_checkpoint, resolve_checkpoint
 from llama.quantization import refuse_quantized
 from llama.model import ModelArgs
 from llama.tokenizer import EOT_PIECE
@@ -179,6 +179,7 @@ def write_gguf(src: str, dst: str, type: str = "f32", show_progress: bool = True
     if type not in FILE_TYPES:
         raise ValueError(f"unknown GGUF type {type!r}; use one of {', '.join(FILE_TYPES)}")
     weights, file_type = FILE_TYPES[type]
+    src = resolve_checkpoint(src)
     src_dir, path = Path(src), Path(dst)
     if src_dir.suffix == ".gguf":
         raise ValueError(f"{src} is a GGUF file already; llama.cpp's llama-quantize converts it to another type")

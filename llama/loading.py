@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Protocol, Set, Tuple
 import torch
 from tqdm import tqdm
 
-from llama import gguf, hf
+from llama import gguf, hf, hub
 from llama.checkpoint import UNUSED_KEYS, ShardReader, read_params, shard_paths
 from llama.checks import check_int, is_int
 from llama.kernels import quantized_device_problem
@@ -76,6 +76,15 @@ def checkpoint_folder(ckpt_dir: str) -> Path:
         hint = " (it is a file; pass the folder that holds it, or a .gguf file)" if path.exists() else ""
         what = "file" if path.suffix == ".gguf" else "folder"
         raise FileNotFoundError(f"checkpoint {what} not found: {str(path)!r}{hint}")
+    return path
+
+
+def resolve_checkpoint(ckpt_dir: str) -> str:
+    """The local path of the checkpoint `ckpt_dir` names, checked to exist: `ckpt_dir` itself, or
+    for a Hugging Face hub id ("owner/name", llama.hub) its copy in the hub's cache, downloaded if
+    needed. The first thing done with a checkpoint argument."""
+    path = hub.resolve(str(ckpt_dir))
+    checkpoint_folder(path)
     return path
 
 

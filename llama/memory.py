@@ -2,8 +2,9 @@
 
     python -m llama.memory --ckpt_dir CodeLlama-7b/ --max_seq_len 100000 --max_batch_size 1 [--mp 1] [--quantize int8|int4]
 
-The estimate needs only params.json (and tokenizer.model for the vocabulary size, else 32016). A
-quantized checkpoint's params.json says its scheme; --quantize estimates quantizing as it loads.
+The estimate needs only params.json, or a Hugging Face config.json (and tokenizer.model for the
+vocabulary size, else 32016); for a hub id (owner/name) only those files are fetched. A quantized
+checkpoint's params.json says its scheme; --quantize estimates quantizing as it loads.
 """
 
 import argparse
@@ -12,7 +13,11 @@ from typing import Dict, Optional
 
 import torch
 
+from llama import hub
 from llama.checkpoint import read_params
+from llama.cli import reports_user_errors
+from llama.files import read_json
+from llama.hf import read_config
 from llama.loading import model_args
 from llama.model import ModelArgs
 from llama.quantization import (
@@ -59,11 +64,15 @@ def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtyp
              quantize: Optional[str] = None, group_size: Optional[int] = None) -> Dict[str, int]:
     """Bytes per process of weights, KV cache and working tensors (see main); quantize, group_size:
     as Llama.build takes them."""
-    folder = Path(ckpt_dir)
+    folder = Path(hub.resolve(ckpt_dir, weights=False))  # a hub id: its config and tokenizer only
     vocab = 32016
     if (folder / "tokenizer.model").is_file():
         vocab = Tokenizer(str(folder / "tokenizer.model")).n_words
-    params, where = read_params(folder), str(folder / "params.json")
+    if (folder / "config.json").is_file() and not (folder / "params.json").is_file():  # Hugging Face's layout
+        params, where = read_config(folder), str(folder / "config.json")
+        vocab = read_json(folder / "config.json").get("vocab_size", vocab)
+    else:
+        params, where = read_params(folder), str(folder / "params.json")
     args = model_args(params, vocab, max_seq_len, max_batch_size, where)
     scheme = resolve_scheme(quantize, group_size, declared_scheme(params, where), input_widths(args, mp), where)
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
@@ -74,6 +83,7 @@ def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtyp
     }
 
 
+@reports_user_errors("python -m llama.memory")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_dir", required=True)
@@ -85,11 +95,8 @@ def main(argv=None) -> None:
                         help="projections quantized as they load (a quantized checkpoint says its own)")
     parser.add_argument("--group_size", type=int, choices=GROUP_SIZES, default=None, help="int4's group size")
     a = parser.parse_args(argv)
-    try:
-        est = estimate(a.ckpt_dir, a.max_seq_len, a.max_batch_size, a.mp, a.dtype, quantize=a.quantize,
-                       group_size=a.group_size)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    est = estimate(a.ckpt_dir, a.max_seq_len, a.max_batch_size, a.mp, a.dtype, quantize=a.quantize,
+                   group_size=a.group_size)
     total = sum(est.values())
     print(f"per GPU (model-parallel degree {a.mp}, {a.dtype}, {a.max_batch_size} x {a.max_seq_len} tokens):")
     print(f"  weights   {est['weights'] / GiB:8.2f} GiB")

@@ -21,8 +21,16 @@ from typing import Dict, Optional
 import torch
 
 from llama.checkpoint import ShardReader
+from llama.cli import reports_user_errors
 from llama.files import copy_if_present, refuse_output_files, write_checklist
-from llama.loading import check_degree, checkpoint_folder, model_args, open_checkpoint, params_file
+from llama.loading import (
+    check_degree,
+    checkpoint_folder,
+    model_args,
+    open_checkpoint,
+    params_file,
+    resolve_checkpoint,
+)
 from llama.parallel import shard_dim
 from llama.quantization import (
     MODES,
@@ -55,6 +63,7 @@ def quantize_checkpoint(src: str, dst: str, mode: str, group_size: Optional[int]
     """Write the full-precision checkpoint `src` with its projections quantized by `mode` ("int8",
     "int4" in groups of `group_size` input columns, by default the largest of 128, 64, 32 that
     fits) into the folder `dst`, in Meta's layout; returns dst."""
+    src = resolve_checkpoint(src)
     src_dir, dst_dir = checkpoint_folder(src), Path(dst)
     params, whole = open_checkpoint(src, 0, 1)
     refuse_quantized(params, str(params_file(src)), "quantizing")
@@ -78,6 +87,7 @@ def quantize_checkpoint(src: str, dst: str, mode: str, group_size: Optional[int]
     return dst_dir
 
 
+@reports_user_errors("python -m llama.quantize")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.quantize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_dir", required=True, help="full-precision checkpoint (folder, or .gguf file)")
@@ -87,10 +97,7 @@ def main(argv=None) -> None:
                         help="int4: input columns per scale and zero, 32, 64, 128 or 256 (default: the largest "
                              "of 128, 64, 32 that divides every projection's input width)")
     a = parser.parse_args(argv)
-    try:
-        out = quantize_checkpoint(a.ckpt_dir, a.out, a.mode, a.group_size)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        parser.error(str(e))
+    out = quantize_checkpoint(a.ckpt_dir, a.out, a.mode, a.group_size)
     scheme = json.loads((out / "params.json").read_text())[PARAMS_KEY]
     print(f"wrote {out} ({', '.join(f'{k} {v}' for k, v in scheme.items())})")
     if not any((out / name).is_file() for name in TOKENIZER_FILES):

@@ -16,8 +16,9 @@ from typing import Callable, Dict
 import torch
 from tqdm import tqdm
 
+from llama.cli import reports_user_errors
 from llama.files import copy_if_present, refuse_output_files, write_checklist
-from llama.loading import check_degree, model_args, open_checkpoint
+from llama.loading import check_degree, model_args, open_checkpoint, resolve_checkpoint
 
 
 def compact(key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -47,6 +48,7 @@ def write_shards(src: str, dst_dir: Path, mp: int, desc: str, show_progress: boo
 def reshard(src: str, dst: str, mp: int, show_progress: bool = True) -> Path:
     """Write the checkpoint in `src` (Meta's layout with any number of shards, or Hugging Face's)
     as `mp` consolidated.NN.pth shards in Meta's layout into `dst`; returns dst."""
+    src = resolve_checkpoint(src)
     src_dir, dst_dir = Path(src), Path(dst)
     params, first = open_checkpoint(src, 0, mp)
     if dst_dir.exists() and dst_dir.resolve() == src_dir.resolve():
@@ -62,16 +64,14 @@ def reshard(src: str, dst: str, mp: int, show_progress: bool = True) -> Path:
     return dst_dir
 
 
+@reports_user_errors("python -m llama.reshard")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0])
     parser.add_argument("src_dir", help="checkpoint folder (Meta's or Hugging Face's layout)")
     parser.add_argument("dst_dir", help="folder to write (created if missing)")
     parser.add_argument("--mp", type=int, required=True, help="model-parallel degree of the copy")
     a = parser.parse_args(argv)
-    try:
-        out = reshard(a.src_dir, a.dst_dir, a.mp)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        parser.error(str(e))
+    out = reshard(a.src_dir, a.dst_dir, a.mp)
     print(f"wrote {a.mp} shard(s) to {out}")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Set
 
 from llama import protocol
+from llama.cli import reports_user_errors
 from llama.generation import Llama
 from llama.protocol import APIError
 from llama.serving import QueueFull, Scheduler
@@ -270,6 +271,7 @@ def start_http(app, host: str, port: int):
     return server, thread
 
 
+@reports_user_errors("python -m llama.server")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_dir", required=True)

@@ -16,6 +16,7 @@ from typing import Dict
 import sentencepiece as spm
 import torch
 
+from llama.cli import reports_user_errors
 from llama.files import write_checklist
 from llama.model import ModelArgs
 from llama.parallel import shard_of
@@ -144,6 +145,7 @@ def write_tiny_model(
     return out
 
 
+@reports_user_errors("python -m llama.tiny")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (created if missing)")
@@ -160,14 +162,11 @@ def main(argv=None) -> None:
     parser.add_argument("--ffn_dim_multiplier", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args(argv)
-    try:
-        out = write_tiny_model(
-            a.out_dir, mp=a.mp, step=a.step, infill=a.infill, dim=a.dim, n_layers=a.n_layers,
-            n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, vocab_size=a.vocab_size, seed=a.seed,
-            multiple_of=a.multiple_of, ffn_dim_multiplier=a.ffn_dim_multiplier,
-        )
-    except ValueError as e:
-        parser.error(str(e))
+    out = write_tiny_model(
+        a.out_dir, mp=a.mp, step=a.step, infill=a.infill, dim=a.dim, n_layers=a.n_layers,
+        n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, vocab_size=a.vocab_size, seed=a.seed,
+        multiple_of=a.multiple_of, ffn_dim_multiplier=a.ffn_dim_multiplier,
+    )
     print(f"wrote a random model to {out} (its output is gibberish by design)")
 
 

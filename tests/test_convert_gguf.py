@@ -305,7 +305,7 @@ def test_command_line(tiny_dir, tmp_path, capsys):
     assert metadata(dst)["general.file_type"] == FILE_TYPE_IDS["q8_0"]
     with pytest.raises(SystemExit) as e:
         main(["to-gguf", str(tiny_dir), str(dst)])
-    assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+    assert e.value.code == 1 and "already exists" in capsys.readouterr().err
 
 
 def test_export_loads_back_as_the_meta_checkpoint(tiny_dir, exports, generator):

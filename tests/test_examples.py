@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--temperature", "0", "--max_gen_len", "8"]
 
 
-def python(*args) -> subprocess.CompletedProcess:
-    env = subprocess_env()
+def python(*args, env=None) -> subprocess.CompletedProcess:
+    env = subprocess_env(**(env or {}))
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
