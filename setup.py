@@ -31,10 +31,11 @@ setup(
         ],
     },
     extras_require={
-        "server": ["starlette", "uvicorn"],  # python -m llama.server
+        "server": ["starlette", "uvicorn", "pydantic>=2", "prometheus-client"],  # python -m llama.server
         # transformers (+ accelerate for its GGUF loading): the reference for the Hugging Face and
         # GGUF layouts; openai, httpx: the server's clients
-        "test": ["pytest", "transformers", "accelerate", "openai", "httpx", "starlette", "uvicorn"],
+        "test": ["pytest", "transformers", "accelerate", "openai", "httpx", "starlette", "uvicorn",
+                 "pydantic>=2", "prometheus-client"],
         "bench": ["transformers", "httpx"],
     },
 )

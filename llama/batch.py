@@ -119,6 +119,13 @@ class Rows:
     counts: Optional[torch.Tensor] = None  # (A, V) times each token was generated
     seen: Optional[torch.Tensor] = None  # (A, V) bool: in the prompt or generated
 
+    def __post_init__(self):
+        """Rows made without the sampling extras are plain rows with no top logprobs."""
+        n = len(self.keys)
+        self.tops = self.tops or [0] * n
+        self.plain = self.plain or [True] * n
+        self.generators = self.generators or [None] * n
+
     @staticmethod
     def empty() -> "Rows":
         return Rows([], [], [], [], [], [])

@@ -27,6 +27,12 @@ import uuid
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Set
 
+try:  # the request models and the metrics need these (the server extra)
+    import prometheus_client  # noqa: F401
+    import pydantic  # noqa: F401
+except ImportError as e:
+    raise ImportError(f"llama.server needs its extra ({e.name} is missing): pip install -e '.[server]'") from e
+
 from llama import protocol
 from llama.generation import Llama
 from llama.metrics import CONTENT_TYPE, Metrics
