@@ -16,6 +16,7 @@ MAX_N = 16  # choices per prompt (OpenAI allows 128; each is a batch row)
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI: 5 for completions, 20 for chat)
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; clients send a handful
 MAX_STOP_LENGTH = 256  # characters per stop string
+MAX_LOGIT_BIAS = 300  # tokens a logit_bias may name (OpenAI's limit)
 
 
 class Strict(BaseModel):
@@ -74,6 +75,8 @@ class OpenAISampling(Sampling):
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, v):
+        if v is not None and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"'logit_bias' may name at most {MAX_LOGIT_BIAS} tokens, got {len(v)}")
         for key, bias in (v or {}).items():
             if not key.isdigit():
                 raise ValueError(f"'logit_bias' keys must be token ids, got {key!r}")

@@ -5,6 +5,7 @@ new field. One tiny server on 127.0.0.1, a bounded number of requests."""
 
 import json
 import math
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,6 +17,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 parser = pytest.importorskip("prometheus_client.parser")
 
+from device import need_processes  # noqa: E402
 from servers import KEY, free_port, output, server_cmd, start, stop  # noqa: E402
 
 from llama.formats import chat_prompt_tokens  # noqa: E402
@@ -115,6 +117,11 @@ def test_llama_cpp_completion_with_n_probs(server, generator):
         assert_close_dicts({a["id"]: a["logprob"] for a in entry["top_logprobs"]}, top)
     text = post(server, "/completion", {"prompt": PROMPT, "n_predict": 4, "temperature": 0}).json()
     assert text["content"] == r["content"] and "completion_probabilities" not in text
+    infill = post(server, "/infill", {"input_prefix": "def f(x):\n    ", "input_suffix": "\n    return y",
+                                      "n_predict": 3, "temperature": 0, "n_probs": 1}).json()
+    probs = infill["completion_probabilities"]
+    assert len(probs) == infill["tokens_predicted"] and all(len(p["top_logprobs"]) == 1 for p in probs)
+    assert all(p["top_logprobs"][0]["id"] == p["id"] for p in probs)  # greedy: the most likely one
 
 
 # n, seed, prompts -------------------------------------------------------------------------------
@@ -154,6 +161,24 @@ def test_seeded_answer_does_not_depend_on_other_requests(client):
         together = pool.submit(seeded).result()
         [f.result() for f in others]
     assert together == alone
+
+
+def test_seeded_choices_under_model_parallelism(tiny_mp2_dir, server):
+    """torchrun --nproc_per_node 2: every rank draws a seeded row's tokens from its own generator
+    alike, so the answer is the single-process server's (a rank that drew otherwise would feed its
+    half of the model other tokens, and the text would change)."""
+    need_processes(2)
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 1, "n": 2, "seed": 11}
+    want = [c["text"] for c in post(server, "/v1/completions", body).json()["choices"]]
+    port = free_port()
+    proc = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  *server_cmd(tiny_mp2_dir, port, "--max_seq_len", 256, "--max_batch_size", 4)[1:]], port)
+    try:
+        proc.url = f"http://127.0.0.1:{port}"
+        got = [c["text"] for c in post(proc, "/v1/completions", body).json()["choices"]]
+    finally:
+        stop(proc, timeout=60)
+    assert got == want and want[0] != want[1]
 
 
 def test_token_and_list_prompts_in_openai_order(server, generator):
@@ -325,6 +350,7 @@ def test_cors_is_off_unless_origins_are_given():
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {"prompt": "x", "top_k": -2}, 400, "top_k"),
