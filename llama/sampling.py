@@ -16,7 +16,7 @@ temperature, top_k and min_p (tokens less likely than min_p times the most likel
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -171,12 +171,9 @@ def sample_processed(
 
 def _noise(like: torch.Tensor, generators: Sequence[Optional[torch.Generator]],
            shared: Optional[torch.Generator]) -> torch.Tensor:
-    """Exp(1) noise shaped like `like`: row b from generators[b], the others from `shared`."""
-    e = torch.empty_like(like)
-    common: List[int] = [b for b, g in enumerate(generators) if g is None]
-    if common:
-        index = torch.tensor(common, device=like.device)
-        e[index] = torch.empty((len(common), like.shape[1]), device=like.device).exponential_(1, generator=shared)
+    """Exp(1) noise shaped like `like`: row b from generators[b], the others from `shared` (drawn
+    for every row at once, so no index travels from the host; a seeded row's share is replaced)."""
+    e = torch.empty_like(like).exponential_(1, generator=shared)
     for b, g in enumerate(generators):
         if g is not None:
             e[b].exponential_(1, generator=g)
