@@ -262,9 +262,6 @@ def parse_completion(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int, 
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, f"'best_of' must equal n ({req.n}) on this server, got {req.best_of}: ask for n choices "
                             "and pick among them", param="best_of")
-    if req.stream and req.logprobs is not None:
-        raise APIError(400, "'logprobs' is not supported with 'stream': true on this server; ask without stream",
-                       param="logprobs")
     if req.suffix is not None and len(prompts) > 1:
         raise APIError(400, "'suffix' takes one prompt, not a list", param="suffix")
     out = Request("completions", [], req.stream, bool(req.stream_options and req.stream_options.include_usage))
@@ -322,9 +319,6 @@ def parse_chat(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int, served
         raise APIError(400, str(e).replace("dialog 0", "messages"), param="messages") from None
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    if req.stream and req.logprobs:
-        raise APIError(400, "'logprobs' is not supported with 'stream': true on this server; ask without stream",
-                       param="logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     try:
         prompt_tokens = chat_prompt_tokens(tokenizer, dialog)
@@ -463,7 +457,8 @@ def completion_response(request: Request, results: List[Result], model: str) -> 
 
 def stream_chunk(request: Request, job: Job, model: str, text: str, finish: Optional[Result] = None,
                  first: bool = False) -> dict:
-    """One server-sent event's data: new text of one choice, and on its last one how it ended."""
+    """One server-sent event's data: new text of one choice, and on its last one how it ended
+    (and, when asked, the log-probabilities of all its tokens)."""
     reason = finish.finish_reason if finish else None
     if job.api in ("infill", "completion"):
         chunk: Dict[str, Any] = {"content": text, "stop": finish is not None}
@@ -473,10 +468,11 @@ def stream_chunk(request: Request, job: Job, model: str, text: str, finish: Opti
     if job.api == "chat":
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         return {"id": f"chatcmpl-{request.id}", "object": "chat.completion.chunk", "created": request.created,
-                "model": model, "choices": [{"index": job.index, "delta": delta, "logprobs": None,
-                                             "finish_reason": reason}]}
+                "model": model, "choices": [{"index": job.index, "delta": delta, "finish_reason": reason,
+                                             "logprobs": _chat_logprobs(job, finish) if finish else None}]}
     chunk = {"id": f"cmpl-{request.id}", "object": "text_completion", "created": request.created, "model": model,
-             "choices": [{"text": text, "index": job.index, "logprobs": None, "finish_reason": reason}]}
+             "choices": [{"text": text, "index": job.index, "finish_reason": reason,
+                          "logprobs": _completion_logprobs(job, finish) if finish else None}]}
     if finish and not request.include_usage and len(request.jobs) == 1:
         chunk["usage"] = request.usage([finish])  # this server's usage on the last chunk, as before
     return chunk

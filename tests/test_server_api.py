@@ -106,6 +106,19 @@ def test_chat_top_logprobs_are_the_models_own(client, generator):
                            {tok.token_piece(i): v for i, v in top.items()})
 
 
+def test_streamed_logprobs_come_with_the_last_chunk(server, client):
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]
+    events = [json.loads(line[6:]) for line in post(server, "/v1/completions", {**body, "stream": True}).text.splitlines()
+              if line.startswith("data: {")]
+    assert [e["choices"][0]["logprobs"] for e in events[:-1]] == [None] * (len(events) - 1)
+    assert events[-1]["choices"][0]["logprobs"] == whole
+    chat = dict(model="tiny", messages=DIALOG, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    want = client.chat.completions.create(**chat).choices[0].logprobs.content
+    chunks = list(client.chat.completions.create(**chat, stream=True))
+    assert chunks[-1].choices[0].logprobs.content == want
+
+
 def test_llama_cpp_completion_with_n_probs(server, generator):
     tok = generator.tokenizer
     tokens = tok.encode(PROMPT, True, False)
