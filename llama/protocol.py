@@ -146,9 +146,10 @@ def validate(model: type, body: Any) -> Any:
         return model.model_validate(body)
     except ValidationError as e:
         message, param = validation_error(e)
-        if param == "prompt" and model in (CompletionRequest, LlamaCppCompletionRequest) and "'prompt'" not in message:
-            message = ("'prompt' must be a string, a list of token ids, or a list of strings or token-id lists, got "
-                       f"{body.get('prompt')!r}"[:300])
+        if param == "prompt" and model in (CompletionRequest, LlamaCppCompletionRequest):
+            kinds = "a string or a list of token ids" if model is LlamaCppCompletionRequest else \
+                "a string, a list of token ids, or a list of strings or token-id lists"
+            message = f"'prompt' must be {kinds}, got {body.get('prompt')!r}"[:300]
         raise APIError(400, message, param=param) from None
 
 

@@ -154,8 +154,11 @@ def validation_error(e: ValidationError):
     if err["type"] == "extra_forbidden":
         return f"'{name}' is not a field this endpoint knows; remove it (see the server's README)", name.split(".")[0]
     message = err["msg"].removeprefix("Value error, ")
-    if message.startswith("'"):
+    field = name.split(".")[-1]
+    if message.startswith("'"):  # our own validators' messages name the field already
         return message, name.split(".")[0]
+    if message.startswith(field + " "):  # llama.sampling's checks: "temperature must be ..., got -1"
+        return f"'{name}' {message[len(field) + 1:]}", name.split(".")[0]
     got = repr(err.get("input"))
     got = got if len(got) <= 100 else got[:100] + "..."
     return f"'{name}': {message[:1].lower()}{message[1:]}, got {got}", name.split(".")[0]
