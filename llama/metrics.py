@@ -23,7 +23,8 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 class Metrics:
     """The metrics of one server. `prefix_cache_hit_ratio` and `kv_blocks_in_use` are gauges for
-    the scheduler to `.set()` (they stay 0 while there is no prefix cache)."""
+    the scheduler to `.set()` (it holds this object as `Scheduler.metrics` on rank 0, None on the
+    other ranks and outside the server); they stay 0 while there is no prefix cache."""
 
     def __init__(self, endpoints: Iterable[str]):
         self.registry = CollectorRegistry(auto_describe=True)

@@ -466,6 +466,7 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     state.tokenizer, state.max_seq_len = generator.tokenizer, a.max_seq_len
+    scheduler.metrics = state.metrics  # its prefix_cache_hit_ratio and kv_blocks_in_use are the scheduler's to set
     state.scheduler = scheduler
     if rank == 0:
         print("llama.server: ready", file=sys.stderr)
