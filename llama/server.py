@@ -310,8 +310,11 @@ def create_app(state: State):
             if not finished:  # the client hung up: free its rows at the next step
                 watch.cancel()
 
-    async def json_of(request) -> object:
-        return protocol.parse_json_body(await read_body(request))
+    async def answer_off_loop(request, handle: Callable) -> JSONResponse:
+        """The JSON answer of handle(body, tokenizer), decoded and run off the event loop."""
+        loaded()
+        raw = await read_body(request)
+        return JSONResponse(await run_in_threadpool(lambda: handle(protocol.parse_json_body(raw), state.tokenizer)))
 
     async def completions(request):
         return await serve(request, protocol.parse_completion)
@@ -326,12 +329,10 @@ def create_app(state: State):
         return await serve(request, protocol.parse_llama_completion)
 
     async def tokenize(request):
-        loaded()
-        return JSONResponse(protocol.tokenize(await json_of(request), state.tokenizer))
+        return await answer_off_loop(request, protocol.tokenize)
 
     async def detokenize(request):
-        loaded()
-        return JSONResponse(protocol.detokenize(await json_of(request), state.tokenizer))
+        return await answer_off_loop(request, protocol.detokenize)
 
     async def props(request):
         """llama.cpp's /props: the context, the slots (rows), the defaults of /completion and /infill."""
