@@ -263,8 +263,8 @@ def parse_completion(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int, 
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, f"'best_of' must equal n ({req.n}) on this server, got {req.best_of}: ask for n choices "
                             "and pick among them", param="best_of")
-    if req.suffix is not None and len(prompts) > 1:
-        raise APIError(400, "'suffix' takes one prompt, not a list", param="suffix")
+    if req.suffix is not None and (len(prompts) > 1 or not isinstance(prompts[0], str)):
+        raise APIError(400, "'suffix' takes one text prompt, not a list or token ids", param="suffix")
     out = Request("completions", [], req.stream, bool(req.stream_options and req.stream_options.include_usage))
     stops, vocab = _stop(req.stop), tokenizer.n_words
     for p, prompt in enumerate(prompts):
