@@ -171,13 +171,16 @@ def sampling_params(req: Sampling, temperature: float, top_p: float, max_gen_len
         if token >= vocab:
             raise APIError(400, f"'logit_bias' names token {token}, outside this model's vocabulary of {vocab} "
                                 "tokens", param="logit_bias")
-    return SamplingParams(
-        float(temperature if req.temperature is None else req.temperature),
-        float(top_p if req.top_p is None else req.top_p), max_gen_len, logprobs or top_logprobs > 0,
-        top_logprobs=top_logprobs, seed=seed, top_k=max(0, req.top_k or 0), min_p=float(req.min_p or 0),
-        presence_penalty=float(req.presence_penalty or 0), frequency_penalty=float(req.frequency_penalty or 0),
-        repetition_penalty=float(repetition_penalty or 1), logit_bias=bias,
-    )
+    try:
+        return SamplingParams(
+            float(temperature if req.temperature is None else req.temperature),
+            float(top_p if req.top_p is None else req.top_p), max_gen_len, logprobs or top_logprobs > 0,
+            top_logprobs=top_logprobs, seed=seed, top_k=max(0, req.top_k or 0), min_p=float(req.min_p or 0),
+            presence_penalty=float(req.presence_penalty or 0), frequency_penalty=float(req.frequency_penalty or 0),
+            repetition_penalty=float(repetition_penalty or 1), logit_bias=bias,
+        )
+    except ValueError as e:  # the schemas check first; this is the last line, never a 500
+        raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
 
 def choice_seed(seed: Optional[int], index: int) -> Optional[int]:
@@ -342,7 +345,7 @@ def parse_chat(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int, served
 def _llama_cpp_params(req: LlamaCppSampling, tokenizer: TokenizerProtocol, max_seq_len: int) -> SamplingParams:
     if req.repeat_penalty is not None and req.repetition_penalty is not None:
         raise APIError(400, "send 'repeat_penalty' or 'repetition_penalty', not both", param="repeat_penalty")
-    seed = None if req.seed is None or req.seed == -1 else req.seed  # llama.cpp: -1 is a random seed
+    seed = None if req.seed is None or req.seed == -1 else choice_seed(req.seed, 0)  # llama.cpp: -1 is random
     return sampling_params(req, 0.8, 0.95, max_seq_len if req.n_predict < 0 else req.n_predict, req.n_probs > 0,
                            req.n_probs, None, tokenizer.n_words, req.repeat_penalty or req.repetition_penalty, seed)
 

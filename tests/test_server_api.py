@@ -375,6 +375,7 @@ def test_cors_is_off_unless_origins_are_given():
     ("/v1/chat/completions", {"messages": DIALOG, "tools": []}, 400, "tools"),
     ("/completion", {"prompt": [], "n_predict": 2}, 400, "prompt"),
     ("/completion", {"prompt": "x", "n_probs": -1}, 400, "n_probs"),
+    ("/completion", {"prompt": "x", "seed": "1"}, 400, "seed"),
     ("/infill", {"input_prefix": "x", "n_probs": 99}, 400, "n_probs"),
     ("/tokenize", {"content": 5}, 400, "content"),
     ("/detokenize", {"tokens": [10**7]}, 400, "tokens"),
@@ -388,8 +389,12 @@ def test_bad_new_fields_are_refused_and_the_server_keeps_serving(server, path, b
     assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code == 200
 
 
-def test_user_is_accepted(server):
+def test_user_and_huge_seeds_are_accepted(server):
     assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1, "user": "someone"}).status_code == 200
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/completion", {"prompt": "x"})):
+        for seed in (-10**30, 10**30):
+            assert post(server, path, {**body, "max_tokens" if path[1] == "v" else "n_predict": 2,
+                                       "seed": seed}).status_code == 200
 
 
 def test_llama_cpp_completion_stream(server):
