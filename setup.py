@@ -31,12 +31,12 @@ setup(
         ],
     },
     extras_require={
-        "server": ["starlette", "uvicorn"],  # python -m llama.server
+        "server": ["starlette", "uvicorn", "pydantic>=2", "prometheus-client"],  # python -m llama.server
         "hub": ["huggingface_hub>=0.23"],  # Hugging Face hub ids as ckpt_dir (llama/hub.py)
         # transformers (+ accelerate for its GGUF loading): the reference for the Hugging Face and
         # GGUF layouts; openai, httpx: the server's clients
         "test": ["pytest", "transformers", "accelerate", "openai", "httpx", "starlette", "uvicorn",
-                 "huggingface_hub>=0.23"],
+                 "pydantic>=2", "prometheus-client", "huggingface_hub>=0.23"],
         "bench": ["transformers", "httpx"],
     },
 )

@@ -25,6 +25,9 @@ class Result:
     tokens: List[str] = field(default_factory=list)  # with logprobs: pieces
     logprobs: List[float] = field(default_factory=list)
     offsets: List[int] = field(default_factory=list)  # where each token's text starts
+    token_ids: List[int] = field(default_factory=list)  # with logprobs: the tokens' ids
+    top_logprobs: List[List[Tuple[str, float]]] = field(default_factory=list)  # with top-N: (piece, logprob)
+    top_ids: List[List[int]] = field(default_factory=list)  # with top-N: the alternatives' ids
 
 
 class Answer:
@@ -44,17 +47,22 @@ class Answer:
         self.pieces: List[str] = []
         self.token_logprobs: List[float] = []
         self.offsets: List[int] = []
+        self.ids: List[int] = []
+        self.tops: List[List[Tuple[int, float]]] = []
 
     def add(self, u: RowUpdate) -> Tuple[str, Optional[Result]]:
         """(the new text that can no longer change, possibly "", the Result once the answer is
         complete: at a stop token, its budget, or a stop string, whichever comes first)."""
-        for token, lp in zip(u.tokens, u.logprobs or [None] * len(u.tokens)):
+        tops = u.top_logprobs or [[] for _ in u.tokens]
+        for token, lp, top in zip(u.tokens, u.logprobs or [None] * len(u.tokens), tops):
             self.offsets.append(len(self.text))
             self.text += self.decoder.push(token)
             self.tokens += 1
             if self.logprobs:
                 self.pieces.append(self.piece(token))
                 self.token_logprobs.append(lp)
+                self.ids.append(token)
+                self.tops.append(top)
         if u.finish_reason is not None:
             self.text += self.decoder.flush()
         cut, word = self._first_stop()
@@ -72,7 +80,8 @@ class Answer:
         return delta, Result(
             self.text, "length" if stop_type == "limit" else "stop", self.prompt_tokens, self.tokens,
             stop_type, word, [self.pieces[i] for i in kept], [self.token_logprobs[i] for i in kept],
-            [self.offsets[i] for i in kept],
+            [self.offsets[i] for i in kept], [self.ids[i] for i in kept],
+            [[(self.piece(t), lp) for t, lp in self.tops[i]] for i in kept], [[t for t, _ in self.tops[i]] for i in kept],
         )
 
     def _first_stop(self) -> Tuple[int, str]:

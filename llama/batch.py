@@ -11,14 +11,14 @@ Every model-parallel rank runs the same batch on the same inputs and draws the s
 all ranks take the same decisions without talking to each other.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from llama.model import Transformer
-from llama.sampling import SamplingParams, sample, sample_rows
+from llama.sampling import SamplingParams, process_logits, row_generator, sample, sample_processed, sample_rows
 
 
 @dataclass
@@ -30,6 +30,7 @@ class RowUpdate:
     logprobs: List[float]  # their log-probabilities (empty unless asked for)
     finish_reason: Optional[str] = None  # "stop" (a stop token) or "length" (its budget) once done
     prompt_logprobs: Optional[List[float]] = None  # in the first update, when asked for
+    top_logprobs: Optional[List[List[Tuple[int, float]]]] = None  # per token, its row's top-N (id, logprob)
 
 
 def prefill_groups(lengths: Sequence[int], waste: float = 0.25) -> List[range]:
@@ -105,10 +106,53 @@ class Rows:
     row_cap: Optional[torch.Tensor] = None  # (A,) cap on the device
     row_temp: Optional[torch.Tensor] = None  # (A,) temps on the device
     row_top_p: Optional[torch.Tensor] = None  # (A,) top_ps on the device
+    tops: List[int] = field(default_factory=list)  # how many most likely tokens to report (top_logprobs)
+    plain: List[bool] = field(default_factory=list)  # SamplingParams.plain
+    generators: List[Optional[torch.Generator]] = field(default_factory=list)  # a seeded row's own
+    # The logit processors (llama.sampling.process_logits), None while every row has been plain:
+    row_top_k: Optional[torch.Tensor] = None  # (A,) long
+    row_min_p: Optional[torch.Tensor] = None  # (A,)
+    row_presence: Optional[torch.Tensor] = None  # (A,)
+    row_frequency: Optional[torch.Tensor] = None  # (A,)
+    row_repetition: Optional[torch.Tensor] = None  # (A,)
+    bias: Optional[torch.Tensor] = None  # (A, V) logit_bias
+    counts: Optional[torch.Tensor] = None  # (A, V) times each token was generated
+    seen: Optional[torch.Tensor] = None  # (A, V) bool: in the prompt or generated
+
+    def __post_init__(self):
+        """Rows made without the sampling extras are plain rows with no top logprobs."""
+        n = len(self.keys)
+        self.tops = self.tops or [0] * n
+        self.plain = self.plain or [True] * n
+        self.generators = self.generators or [None] * n
 
     @staticmethod
     def empty() -> "Rows":
         return Rows([], [], [], [], [], [])
+
+    @staticmethod
+    def processors(prompts: List[List[int]], params: Sequence[SamplingParams], vocab: int,
+                   device: torch.device) -> dict:
+        """The logit-processor fields of new rows (defaults for plain rows)."""
+        n = len(params)
+        bias = torch.zeros((n, vocab))
+        seen = torch.zeros((n, vocab), dtype=torch.bool)
+        for b, (prompt, p) in enumerate(zip(prompts, params)):
+            for token, value in p.logit_bias:
+                bias[b, token] = value
+            if p.repetition_penalty != 1:
+                seen[b, torch.tensor(prompt, dtype=torch.long)] = True
+
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return dict(
+            row_top_k=column([p.top_k for p in params], torch.long), row_min_p=column([p.min_p for p in params]),
+            row_presence=column([p.presence_penalty for p in params]),
+            row_frequency=column([p.frequency_penalty for p in params]),
+            row_repetition=column([p.repetition_penalty for p in params]),
+            bias=bias.to(device), counts=torch.zeros((n, vocab), device=device), seen=seen.to(device),
+        )
 
     def select(self, keep: List[int]) -> "Rows":
         """The rows at positions `keep`, in that order."""
@@ -149,6 +193,7 @@ class Batch:
         self.rows = Rows.empty()
         self.pending: List[torch.Tensor] = []  # tokens sampled since the last sync, (A,) each
         self.pending_lp: List[torch.Tensor] = []
+        self.pending_top: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (values, indices) (A, K) each
 
     def __len__(self) -> int:
         return len(self.rows.keys)
@@ -180,13 +225,31 @@ class Batch:
         caps = [len(prompts[i]) + budgets[i] - 1 for i in joining]
         temps = [params[i].temperature for i in joining]
         top_ps = [params[i].top_p for i in joining]
-        self.rows = self.rows.extend(Rows(
+        joined = [params[i] for i in joining]
+        new = Rows(
             keys=[keys[i] for i in joining], left=[budgets[i] for i in joining], pos_host=positions, cap=caps,
             temps=temps, top_ps=top_ps, logits=logits, pos=torch.tensor(positions, device=device),
             row_cap=torch.tensor(caps, device=device), row_temp=torch.tensor(temps, device=device),
-            row_top_p=torch.tensor(top_ps, device=device),
-        ))
+            row_top_p=torch.tensor(top_ps, device=device), tops=[p.top_logprobs for p in joined],
+            plain=[p.plain for p in joined],
+            generators=[None if p.seed is None else row_generator(p.seed, device) for p in joined],
+        )
+        self._add_processors(new, [prompts[i] for i in joining], joined)
+        self.rows = self.rows.extend(new)
         return updates
+
+    def _add_processors(self, new: Rows, prompts: List[List[int]], params: List[SamplingParams]) -> None:
+        """Give `new` (and, the first time, the rows already here) the logit-processor tensors, once
+        any row needs them."""
+        if self.rows.bias is None and all(new.plain):
+            return
+        vocab, device = new.logits.shape[-1], self.model.device
+        if self.rows.bias is None:  # the rows already here are plain: defaults
+            plain = SamplingParams(max_gen_len=0)
+            for name, value in Rows.processors([[]] * len(self), [plain] * len(self), vocab, device).items():
+                setattr(self.rows, name, value)
+        for name, value in Rows.processors(prompts, params, vocab, device).items():
+            setattr(new, name, value)
 
     @torch.inference_mode()
     def drop(self, keys) -> None:
@@ -203,13 +266,23 @@ class Batch:
         """Sample every row's next token; on a sync, the updates of every row (finished rows are
         dropped); then feed the tokens of the rows still running."""
         r = self.rows
-        if len(set(zip(r.temps, r.top_ps))) == 1:
+        if not all(r.plain):
+            logits = process_logits(r.logits, r.bias, r.counts, r.seen, r.row_presence, r.row_frequency,
+                                    r.row_repetition)
+            token = sample_processed(logits, r.row_temp, r.row_top_p, r.row_top_k, r.row_min_p, r.generators,
+                                     self.rng)
+            r.counts.scatter_add_(1, token[:, None], torch.ones_like(r.counts[:, :1]))
+            r.seen.scatter_(1, token[:, None], True)
+        elif len(set(zip(r.temps, r.top_ps))) == 1:
             token = sample(r.logits, r.temps[0], r.top_ps[0], self.rng)
         else:
             token = sample_rows(r.logits, r.row_temp, r.row_top_p, self.rng)
         self.pending.append(token)
-        if self.logprobs:
-            self.pending_lp.append(torch.log_softmax(r.logits, dim=-1).gather(1, token[:, None])[:, 0])
+        if self.logprobs:  # of the model's own distribution, before any logit processor
+            lp = torch.log_softmax(r.logits.float(), dim=-1)
+            self.pending_lp.append(lp.gather(1, token[:, None])[:, 0])
+            if max(r.tops):
+                self.pending_top.append(torch.topk(lp, max(r.tops), dim=-1))
         updates = []
         if sync or len(self.pending) >= max(r.left):
             updates, kept = self._sync()
@@ -226,17 +299,22 @@ class Batch:
         """(an update per row, the positions of the rows still running); drops the finished rows."""
         new = torch.stack(self.pending, 1).tolist()
         new_lp = torch.stack(self.pending_lp, 1).tolist() if self.logprobs else [[] for _ in new]
-        self.pending, self.pending_lp = [], []
+        top_lp = torch.stack([v for v, _ in self.pending_top], 1).tolist() if self.pending_top else None
+        top_ids = torch.stack([i for _, i in self.pending_top], 1).tolist() if self.pending_top else None
+        self.pending, self.pending_lp, self.pending_top = [], [], []
         updates, done = [], set()
         for a, key in enumerate(self.rows.keys):
-            u = RowUpdate(key, [], [])
-            for t, lp in zip(new[a], new_lp[a] or [None] * len(new[a])):
+            n_top = self.rows.tops[a]
+            u = RowUpdate(key, [], [], top_logprobs=[] if n_top else None)
+            for s, (t, lp) in enumerate(zip(new[a], new_lp[a] or [None] * len(new[a]))):
                 if t in self.stop:
                     u.finish_reason = "stop"
                     break
                 u.tokens.append(t)
                 if self.logprobs:
                     u.logprobs.append(lp)
+                if n_top:
+                    u.top_logprobs.append(list(zip(top_ids[a][s][:n_top], top_lp[a][s][:n_top])))
                 self.rows.left[a] -= 1
                 if self.rows.left[a] == 0:
                     u.finish_reason = "length"

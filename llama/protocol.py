@@ -1,6 +1,8 @@
 """The HTTP APIs the server speaks: OpenAI's completions and chat completions, and llama.cpp's
-/infill. Requests are checked and turned into `Job`s (prompt tokens and settings); results are
-shaped back into each API's JSON. No I/O here, so every format can be tested on its own.
+/completion, /infill, /tokenize and /detokenize. Request bodies are checked by the pydantic models
+of llama.schemas and turned into a `Request`: one `Job` (prompt tokens and settings, one batch
+row) per choice; results are shaped back into each API's JSON. No I/O here, so every format can
+be tested on its own.
 """
 
 import json
@@ -10,8 +12,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from pydantic import ValidationError
+
 from llama.answers import Result
-from llama.checks import is_int
 from llama.formats import (
     UNSAFE_ERROR,
     chat_prompt_tokens,
@@ -20,7 +23,18 @@ from llama.formats import (
     refuses_dialog,
     infilling_prompt_tokens,
 )
-from llama.sampling import SamplingParams, check_temperature, check_top_p
+from llama.sampling import SamplingParams
+from llama.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    InfillRequest,
+    LlamaCppCompletionRequest,
+    LlamaCppSampling,
+    Sampling,
+    TokenizeRequest,
+    validation_error,
+)
 from llama.tokenizer import TokenizerProtocol
 
 
@@ -38,9 +52,9 @@ class APIError(Exception):
 
 @dataclass
 class Job:
-    """One request, ready for the model."""
+    """One choice of a request (one batch row), ready for the model."""
 
-    api: str  # "completions", "chat" or "infill": the shape of the answer
+    api: str  # "completions", "chat", "infill" or "completion" (llama.cpp): the shape of the answer
     prompt_tokens: List[int]
     params: SamplingParams  # max_gen_len: new tokens at most (cut further by max_seq_len)
     stop: List[str] = field(default_factory=list)  # stop strings: the text ends before the first
@@ -48,15 +62,34 @@ class Job:
     echo_text: str = ""  # text put before the answer (OpenAI echo)
     infill: bool = False  # decode the answer as an infilled middle
     fixed_answer: Optional[str] = None  # answered without the model (refused chat, n_predict=0)
+    n: int = 1  # choices of its prompt (the request's n)
+    index: int = 0  # the choice's index in the answer (OpenAI: prompt index * n + choice)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])  # the request's id (logs, X-Request-Id)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class Request:
+    """A checked request: its jobs, one per choice, in the answer's index order."""
+
+    api: str
+    jobs: List[Job]
+    stream: bool = False
+    include_usage: bool = False  # streams end with a usage chunk (stream_options.include_usage)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def usage(self, results: List[Result]) -> dict:
+        """OpenAI's usage: each prompt counted once (its n choices share it), every answer's tokens."""
+        prompt = sum(r.prompt_tokens for j, r in zip(self.jobs, results) if j.index % j.n == 0)
+        completion = sum(r.completion_tokens for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 # Reading the body ------------------------------------------------------------------------------
 
 MAX_DEPTH = 64  # nesting of objects and lists a request may have
-MAX_STOP_STRINGS = 16  # OpenAI allows 4; clients send a handful
-MAX_STOP_LENGTH = 256  # characters per stop string
+MAX_CHOICES = 64  # prompts times n in one request
 
 
 def parse_json_body(raw: bytes) -> Any:
@@ -105,55 +138,62 @@ def _check_text(text: str, path: str) -> None:
 # Checking fields -------------------------------------------------------------------------------
 
 
-def _get(body: dict, name: str, kinds, default=None, check=None, why: str = ""):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in _tuple(kinds):
-        raise APIError(400, f"'{name}' must be {why or _describe(kinds)}, got {value!r}", param=name)
-    if check is not None and not check(value):
-        raise APIError(400, f"'{name}' must be {why}, got {value!r}", param=name)
-    return value
+def validate(model: type, body: Any) -> Any:
+    """`body` as a `model` (llama.schemas), or the APIError (400) naming the first bad field."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        message, param = validation_error(e)
+        if param == "prompt" and model in (CompletionRequest, LlamaCppCompletionRequest):
+            kinds = "a string or a list of token ids" if model is LlamaCppCompletionRequest else \
+                "a string, a list of token ids, or a list of strings or token-id lists"
+            message = f"'prompt' must be {kinds}, got {body.get('prompt')!r}"[:300]
+        raise APIError(400, message, param=param) from None
 
 
-def _tuple(kinds):
-    return kinds if isinstance(kinds, tuple) else (kinds,)
+def check_model(requested: Optional[str], served: List[str]) -> None:
+    """A 404 (OpenAI's model_not_found) unless `requested` is None or names a served model: its
+    whole name, or any part of it, ignoring case ("codellama" for "CodeLlama-7b-Instruct-hf")."""
+    if requested is None or any(requested.lower() in name.lower() for name in served):
+        return
+    raise APIError(404, f"The model '{requested}' does not exist; this server serves {', '.join(served)} "
+                        "(GET /v1/models)", param="model", code="model_not_found")
 
 
-def _describe(kinds) -> str:
-    return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-                        list: "a list", dict: "an object"}[k] for k in _tuple(kinds))
+def sampling_params(req: Sampling, temperature: float, top_p: float, max_gen_len: int, logprobs: bool = False,
+                    top_logprobs: int = 0, logit_bias: Optional[dict] = None, vocab: int = 0,
+                    repetition_penalty: Optional[float] = None, seed: Optional[int] = None) -> SamplingParams:
+    """The request's SamplingParams, with this API's defaults for what it did not send."""
+    bias = tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items()))
+    for token, _ in bias:
+        if token >= vocab:
+            raise APIError(400, f"'logit_bias' names token {token}, outside this model's vocabulary of {vocab} "
+                                "tokens", param="logit_bias")
+    try:
+        return SamplingParams(
+            float(temperature if req.temperature is None else req.temperature),
+            float(top_p if req.top_p is None else req.top_p), max_gen_len, logprobs or top_logprobs > 0,
+            top_logprobs=top_logprobs, seed=seed, top_k=max(0, req.top_k or 0), min_p=float(req.min_p or 0),
+            presence_penalty=float(req.presence_penalty or 0), frequency_penalty=float(req.frequency_penalty or 0),
+            repetition_penalty=float(repetition_penalty or 1), logit_bias=bias,
+        )
+    except ValueError as e:  # the schemas check first; this is the last line, never a 500
+        raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
 
-def _sampling(body: dict, temperature: float, top_p: float, max_gen_len: int, logprobs: bool = False) -> SamplingParams:
-    """The request's sampling settings, with this API's defaults, checked by llama.sampling's rules."""
-    checked = {}
-    for name, check, default in (("temperature", check_temperature, temperature), ("top_p", check_top_p, top_p)):
-        value = body.get(name)
-        try:
-            checked[name] = float(default if value is None else check(value))
-        except ValueError as e:
-            raise APIError(400, f"'{name}' {str(e).split(' ', 1)[1]}", param=name) from None
-    return SamplingParams(checked["temperature"], checked["top_p"], max_gen_len, logprobs)
+def choice_seed(seed: Optional[int], index: int) -> Optional[int]:
+    """The seed of choice `index` of a seeded request: the request's own for the first, spread
+    apart for the others (so n choices differ, and each is the same on every call)."""
+    if seed is None:
+        return None
+    return (seed + index * 0x9E3779B97F4A7C15) % 2**64
 
 
-def _stop(body: dict) -> List[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise APIError(400, f"'stop' must be a string or a list of strings, got {stop!r}"[:300], param="stop")
-    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in stop):
-        raise APIError(400, f"'stop' may hold at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} "
-                            "characters each", param="stop")
-    return [s for s in stop if s]
-
-
-def _n(body: dict) -> None:
-    if body.get("n", 1) not in (1, None):
-        raise APIError(400, "only n=1 is supported", param="n")
+def _stop(stop) -> List[str]:
+    stops = [stop] if isinstance(stop, str) else stop or []
+    return [s for s in stops if s]
 
 
 def _prompt_room(tokens: List[int], max_seq_len: int, param: str) -> None:
@@ -163,6 +203,25 @@ def _prompt_room(tokens: List[int], max_seq_len: int, param: str) -> None:
                  "(prompt and answer together); shorten the prompt or start the server with a larger --max_seq_len",
             param=param, code="context_length_exceeded",
         )
+
+
+def check_token_ids(tokens: List[int], vocab: int, param: str) -> List[int]:
+    """`tokens` if it is a non-empty list of ids in the vocabulary; otherwise a 400 naming `param`."""
+    if not tokens:
+        raise APIError(400, f"'{param}' holds an empty list of token ids; send at least one token", param=param)
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"'{param}' holds token id {bad[0]}, outside this model's vocabulary of {vocab} tokens "
+                            f"(0 to {vocab - 1})", param=param)
+    return tokens
+
+
+def _openai_common(req, prompts: int) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+    if req.n * prompts > MAX_CHOICES:
+        raise APIError(400, f"this request asks for {req.n * prompts} choices (prompts times n); at most "
+                            f"{MAX_CHOICES} per request", param="n")
 
 
 # Fill-in-the-middle prompts built by clients ------------------------------------------------------
@@ -195,31 +254,42 @@ def _infill_tokens(tokenizer: TokenizerProtocol, prefix: str, suffix: str, suffi
 # Requests -----------------------------------------------------------------------------------------
 
 
-def parse_completion(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int) -> Job:
-    """POST /v1/completions: a completion, or fill-in-the-middle with `suffix` or with the markers."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    _n(body)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise APIError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
-    suffix = _get(body, "suffix", str)
-    logprobs = _get(body, "logprobs", int, None, lambda v: 0 <= v <= 20, "an integer from 0 to 20")
-    max_tokens = _get(body, "max_tokens", int, 16, lambda v: v >= 0, "an integer >= 0")
-    job = Job(
-        api="completions", prompt_tokens=[], params=_sampling(body, 1.0, 1.0, max_tokens, logprobs is not None),
-        stop=_stop(body), stream=_get(body, "stream", bool, False),
-        echo_text=prompt if _get(body, "echo", bool, False) else "",
-    )
-    fim = (prompt, suffix, False) if suffix is not None else split_fim_prompt(prompt) if tokenizer.has_infilling else None
-    if fim is not None:
-        job.prompt_tokens, job.infill = _infill_tokens(tokenizer, *fim), True
-    else:
-        job.prompt_tokens = completion_prompt_tokens(tokenizer, prompt)
-    _prompt_room(job.prompt_tokens, max_seq_len, "prompt")
-    return job
+def parse_completion(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int, served: List[str] = ()) -> Request:
+    """POST /v1/completions: completions of one prompt or of several (text or token ids), n each,
+    or fill-in-the-middle with `suffix` or with the markers."""
+    req = validate(CompletionRequest, body)
+    if served:
+        check_model(req.model, list(served))
+    prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+        else [req.prompt]
+    _openai_common(req, len(prompts))
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, f"'best_of' must equal n ({req.n}) on this server, got {req.best_of}: ask for n choices "
+                            "and pick among them", param="best_of")
+    if req.suffix is not None and (len(prompts) > 1 or not isinstance(prompts[0], str)):
+        raise APIError(400, "'suffix' takes one text prompt, not a list or token ids", param="suffix")
+    out = Request("completions", [], req.stream, bool(req.stream_options and req.stream_options.include_usage))
+    stops, vocab = _stop(req.stop), tokenizer.n_words
+    for p, prompt in enumerate(prompts):
+        infill, echo = False, prompt
+        if isinstance(prompt, list):
+            tokens = check_token_ids(prompt, vocab, "prompt")
+            echo = tokenizer.decode(tokens) if req.echo else ""
+        else:
+            fim = (prompt, req.suffix, False) if req.suffix is not None else \
+                split_fim_prompt(prompt) if tokenizer.has_infilling else None
+            if fim is not None:
+                tokens, infill = _infill_tokens(tokenizer, *fim), True
+            else:
+                tokens = completion_prompt_tokens(tokenizer, prompt)
+        _prompt_room(tokens, max_seq_len, "prompt")
+        for c in range(req.n):
+            index = p * req.n + c
+            params = sampling_params(req, 1.0, 1.0, req.max_tokens, req.logprobs is not None, req.logprobs or 0,
+                                     req.logit_bias, vocab, req.repetition_penalty, choice_seed(req.seed, c))
+            out.jobs.append(Job("completions", tokens, params, stops, req.stream, echo if req.echo else "", infill,
+                                index=index, id=out.id, n=req.n))
+    return out
 
 
 def _message_text(content, index: int) -> str:
@@ -230,12 +300,13 @@ def _message_text(content, index: int) -> str:
     raise APIError(400, f"messages[{index}].content must be a string or a list of text parts", param="messages")
 
 
-def parse_chat(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int) -> Job:
-    """POST /v1/chat/completions: the dialog in the model's chat format."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    _n(body)
-    messages = body.get("messages")
+def parse_chat(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int, served: List[str] = ()) -> Request:
+    """POST /v1/chat/completions: the dialog in the model's chat format, n answers."""
+    req = validate(ChatRequest, body)
+    if served:
+        check_model(req.model, list(served))
+    _openai_common(req, 1)
+    messages = req.messages
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
     dialog = []
@@ -250,107 +321,170 @@ def parse_chat(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int) -> Job
         check_dialog(dialog)
     except (TypeError, ValueError) as e:
         raise APIError(400, str(e).replace("dialog 0", "messages"), param="messages") from None
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 0):
-        raise APIError(400, f"'max_tokens' must be an integer >= 0, got {max_tokens!r}", param="max_tokens")
-    logprobs = _get(body, "logprobs", bool, False)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     try:
         prompt_tokens = chat_prompt_tokens(tokenizer, dialog)
     except ValueError as e:  # the model's chat template refused the dialog
         raise APIError(400, str(e), param="messages") from None
-    job = Job(
-        api="chat", prompt_tokens=prompt_tokens,
-        params=_sampling(body, 1.0, 1.0, max_seq_len if max_tokens is None else max_tokens, logprobs),
-        stop=_stop(body), stream=_get(body, "stream", bool, False),
-    )
-    if refuses_dialog(tokenizer, dialog):
-        job.fixed_answer = UNSAFE_ERROR
-    _prompt_room(job.prompt_tokens, max_seq_len, "messages")
-    return job
+    out = Request("chat", [], req.stream, bool(req.stream_options and req.stream_options.include_usage))
+    refused = refuses_dialog(tokenizer, dialog)
+    _prompt_room(prompt_tokens, max_seq_len, "messages")
+    for c in range(req.n):
+        params = sampling_params(req, 1.0, 1.0, max_seq_len if max_tokens is None else max_tokens, req.logprobs,
+                                 req.top_logprobs or 0, req.logit_bias, tokenizer.n_words, req.repetition_penalty,
+                                 choice_seed(req.seed, c))
+        job = Job("chat", prompt_tokens, params, _stop(req.stop), req.stream, index=c, id=out.id, n=req.n)
+        if refused:
+            job.fixed_answer = UNSAFE_ERROR
+        out.jobs.append(job)
+    return out
 
 
-def parse_infill(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int) -> Job:
+def _llama_cpp_params(req: LlamaCppSampling, tokenizer: TokenizerProtocol, max_seq_len: int) -> SamplingParams:
+    if req.repeat_penalty is not None and req.repetition_penalty is not None:
+        raise APIError(400, "send 'repeat_penalty' or 'repetition_penalty', not both", param="repeat_penalty")
+    seed = None if req.seed is None or req.seed == -1 else choice_seed(req.seed, 0)  # llama.cpp: -1 is random
+    return sampling_params(req, 0.8, 0.95, max_seq_len if req.n_predict < 0 else req.n_predict, req.n_probs > 0,
+                           req.n_probs, None, tokenizer.n_words, req.repeat_penalty or req.repetition_penalty, seed)
+
+
+def parse_infill(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int, served: List[str] = ()) -> Request:
     """POST /infill (llama.cpp): input_prefix, input_suffix, input_extra chunks before the prefix,
     and `prompt`, the start of the middle."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    prefix = _get(body, "input_prefix", str, "")
-    suffix = _get(body, "input_suffix", str, "")
-    extra = _get(body, "input_extra", list, [])
+    req = validate(InfillRequest, body)
     chunks = []
-    for i, chunk in enumerate(extra):
-        if not isinstance(chunk, dict) or not isinstance(chunk.get("text", ""), str):
+    for i, chunk in enumerate(req.input_extra):
+        if not isinstance(chunk.get("text", ""), str):
             raise APIError(400, f"input_extra[{i}] must be an object with a 'text' string", param="input_extra")
         text = chunk.get("text", "")
         chunks.append(text if text.endswith("\n") or not text else text + "\n")
-    middle = _get(body, "prompt", str, "")
-    n_predict = _get(body, "n_predict", int, -1, lambda v: v >= -1, "an integer >= -1 (-1: no limit)")
-    params = _sampling(body, 0.8, 0.95, max_seq_len if n_predict < 0 else n_predict)
-    tokens = _infill_tokens(tokenizer, "".join(chunks) + prefix, suffix)
-    if middle:
-        tokens += tokenizer.encode_infilling(middle)
-    job = Job(
-        api="infill", prompt_tokens=tokens, params=params, stop=_stop(body),
-        stream=_get(body, "stream", bool, False), infill=True,
-    )
-    if n_predict == 0:
+    params = _llama_cpp_params(req, tokenizer, max_seq_len)
+    tokens = _infill_tokens(tokenizer, "".join(chunks) + req.input_prefix, req.input_suffix)
+    if req.prompt:
+        tokens += tokenizer.encode_infilling(req.prompt)
+    job = Job(api="infill", prompt_tokens=tokens, params=params, stop=_stop(req.stop), stream=req.stream, infill=True)
+    if req.n_predict == 0:
         job.fixed_answer = ""
     _prompt_room(tokens, max_seq_len, "input_prefix")
-    return job
+    return Request("infill", [job], req.stream, id=job.id)
+
+
+def parse_llama_completion(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int,
+                           served: List[str] = ()) -> Request:
+    """POST /completion (llama.cpp): a prompt as text (BOS added as the model wants) or token ids."""
+    req = validate(LlamaCppCompletionRequest, body)
+    if isinstance(req.prompt, list):
+        tokens = check_token_ids(req.prompt, tokenizer.n_words, "prompt")
+    else:
+        tokens = completion_prompt_tokens(tokenizer, req.prompt)
+    _prompt_room(tokens, max_seq_len, "prompt")
+    job = Job(api="completion", prompt_tokens=tokens, params=_llama_cpp_params(req, tokenizer, max_seq_len),
+              stop=_stop(req.stop), stream=req.stream)
+    if req.n_predict == 0:
+        job.fixed_answer = ""
+    return Request("completion", [job], req.stream, id=job.id)
+
+
+def tokenize(body: Any, tokenizer: TokenizerProtocol) -> dict:
+    """POST /tokenize (llama.cpp): {"tokens": [ids]}, or [{"id", "piece"}] with with_pieces."""
+    req = validate(TokenizeRequest, body)
+    tokens = tokenizer.encode(req.content, bos=req.add_special and tokenizer.bos_id is not None, eos=False)
+    if req.with_pieces:
+        return {"tokens": [{"id": t, "piece": tokenizer.decode([t])} for t in tokens]}
+    return {"tokens": tokens}
+
+
+def detokenize(body: Any, tokenizer: TokenizerProtocol) -> dict:
+    """POST /detokenize (llama.cpp): {"content": the text of the tokens}."""
+    req = validate(DetokenizeRequest, body)
+    if req.tokens:
+        check_token_ids(req.tokens, tokenizer.n_words, "tokens")
+    return {"content": tokenizer.decode(req.tokens)}
 
 
 # Responses ----------------------------------------------------------------------------------------
-
-
-def _usage(r: Result) -> dict:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "total_tokens": r.prompt_tokens + r.completion_tokens}
 
 
 def _completion_logprobs(job: Job, r: Result) -> Optional[dict]:
     if not job.params.logprobs:
         return None
     offset = len(job.echo_text)
-    return {"tokens": r.tokens, "token_logprobs": r.logprobs, "top_logprobs": None,
+    top = [dict(alternatives) for alternatives in r.top_logprobs] if job.params.top_logprobs else None
+    return {"tokens": r.tokens, "token_logprobs": r.logprobs, "top_logprobs": top,
             "text_offset": [offset + o for o in r.offsets]}
-
-
-def completion_response(job: Job, r: Result, model: str) -> dict:
-    if job.api == "infill":
-        return {"content": r.text, "stop": True, "stop_type": r.stop_type, "stopping_word": r.stopping_word,
-                "model": model, "tokens_predicted": r.completion_tokens, "tokens_evaluated": r.prompt_tokens}
-    if job.api == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
-                  "logprobs": _chat_logprobs(job, r)}
-        return {"id": f"chatcmpl-{job.id}", "object": "chat.completion", "created": job.created, "model": model,
-                "choices": [choice], "usage": _usage(r)}
-    choice = {"text": job.echo_text + r.text, "index": 0, "logprobs": _completion_logprobs(job, r),
-              "finish_reason": r.finish_reason}
-    return {"id": f"cmpl-{job.id}", "object": "text_completion", "created": job.created, "model": model,
-            "choices": [choice], "usage": _usage(r)}
 
 
 def _chat_logprobs(job: Job, r: Result) -> Optional[dict]:
     if not job.params.logprobs:
         return None
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                        for t, lp in zip(r.tokens, r.logprobs)]}
+    tops = r.top_logprobs if job.params.top_logprobs else [[] for _ in r.tokens]
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                         "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode())} for a, alp in top]}
+                        for t, lp, top in zip(r.tokens, r.logprobs, tops)]}
 
 
-def stream_chunk(job: Job, model: str, text: str, finish: Optional[Result] = None, first: bool = False) -> dict:
-    """One server-sent event's data: new text, and on the last one how the answer ended."""
+def _llama_cpp_probs(job: Job, r: Result) -> List[dict]:
+    """llama.cpp's completion_probabilities: per token its id, text, logprob and n_probs alternatives."""
+    return [{"id": i, "token": t, "logprob": lp, "bytes": list(t.encode()),
+             "top_logprobs": [{"id": ai, "token": a, "logprob": alp, "bytes": list(a.encode())}
+                              for (a, alp), ai in zip(top, top_ids)]}
+            for i, t, lp, top, top_ids in zip(r.token_ids, r.tokens, r.logprobs, r.top_logprobs, r.top_ids)]
+
+
+def _llama_cpp_answer(job: Job, r: Result, model: str) -> dict:
+    out = {"content": r.text, "stop": True, "stop_type": r.stop_type, "stopping_word": r.stopping_word,
+           "model": model, "tokens_predicted": r.completion_tokens, "tokens_evaluated": r.prompt_tokens}
+    if job.params.top_logprobs:
+        out["completion_probabilities"] = _llama_cpp_probs(job, r)
+    return out
+
+
+def _choice(job: Job, r: Result) -> dict:
+    if job.api == "chat":
+        return {"index": job.index, "message": {"role": "assistant", "content": r.text},
+                "finish_reason": r.finish_reason, "logprobs": _chat_logprobs(job, r)}
+    return {"text": job.echo_text + r.text, "index": job.index, "logprobs": _completion_logprobs(job, r),
+            "finish_reason": r.finish_reason}
+
+
+def completion_response(request: Request, results: List[Result], model: str) -> dict:
+    """The whole answer of a request, from each job's Result (in request.jobs' order)."""
+    if request.api in ("infill", "completion"):
+        return _llama_cpp_answer(request.jobs[0], results[0], model)
+    kind = "chat.completion" if request.api == "chat" else "text_completion"
+    prefix = "chatcmpl" if request.api == "chat" else "cmpl"
+    return {"id": f"{prefix}-{request.id}", "object": kind, "created": request.created, "model": model,
+            "choices": [_choice(j, r) for j, r in zip(request.jobs, results)], "usage": request.usage(results)}
+
+
+def stream_chunk(request: Request, job: Job, model: str, text: str, finish: Optional[Result] = None,
+                 first: bool = False) -> dict:
+    """One server-sent event's data: new text of one choice, and on its last one how it ended
+    (and, when asked, the log-probabilities of all its tokens)."""
     reason = finish.finish_reason if finish else None
-    if job.api == "infill":
+    if job.api in ("infill", "completion"):
         chunk: Dict[str, Any] = {"content": text, "stop": finish is not None}
         if finish:
-            chunk.update(completion_response(job, finish, model), content=text)
+            chunk.update(_llama_cpp_answer(job, finish, model), content=text)
         return chunk
     if job.api == "chat":
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        return {"id": f"chatcmpl-{job.id}", "object": "chat.completion.chunk", "created": job.created,
-                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-    chunk = {"id": f"cmpl-{job.id}", "object": "text_completion", "created": job.created, "model": model,
-             "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
-    if finish:
-        chunk["usage"] = _usage(finish)
+        return {"id": f"chatcmpl-{request.id}", "object": "chat.completion.chunk", "created": request.created,
+                "model": model, "choices": [{"index": job.index, "delta": delta, "finish_reason": reason,
+                                             "logprobs": _chat_logprobs(job, finish) if finish else None}]}
+    chunk = {"id": f"cmpl-{request.id}", "object": "text_completion", "created": request.created, "model": model,
+             "choices": [{"text": text, "index": job.index, "finish_reason": reason,
+                          "logprobs": _completion_logprobs(job, finish) if finish else None}]}
+    if finish and not request.include_usage and len(request.jobs) == 1:
+        chunk["usage"] = request.usage([finish])  # this server's usage on the last chunk, as before
     return chunk
+
+
+def usage_chunk(request: Request, results: List[Result], model: str) -> dict:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""
+    kind = "chat.completion.chunk" if request.api == "chat" else "text_completion"
+    prefix = "chatcmpl" if request.api == "chat" else "cmpl"
+    return {"id": f"{prefix}-{request.id}", "object": kind, "created": request.created, "model": model,
+            "choices": [], "usage": request.usage(results)}

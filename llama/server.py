@@ -4,7 +4,9 @@
     torchrun --nproc_per_node 2 -m llama.server --ckpt_dir CodeLlama-13b/ --tokenizer_path ...
 
 Endpoints: POST /v1/completions (with `suffix` or <PRE>/<SUF>/<MID> markers: fill-in-the-middle),
-POST /v1/chat/completions, GET /v1/models, POST /infill (llama.cpp), GET /health, GET /stats.
+POST /v1/chat/completions, GET /v1/models, llama.cpp's POST /completion, /infill, /tokenize,
+/detokenize and GET /props, GET /health, GET /stats, GET /metrics (Prometheus, llama.metrics).
+Every answer carries an X-Request-Id header; the log names requests by it.
 Under torchrun, rank 0 serves HTTP and every rank runs the same batches (llama.serving).
 Needs the server extra: pip install -e '.[server]'.
 """
@@ -15,6 +17,7 @@ import hmac
 import ipaddress
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -22,11 +25,18 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Set
+from typing import Callable, List, Optional, Sequence, Set
+
+try:  # the request models and the metrics need these (the server extra)
+    import prometheus_client  # noqa: F401
+    import pydantic  # noqa: F401
+except ImportError as e:
+    raise ImportError(f"llama.server needs its extra ({e.name} is missing): pip install -e '.[server]'") from e
 
 from llama import protocol
 from llama.cli import reports_user_errors
 from llama.generation import Llama
+from llama.metrics import CONTENT_TYPE, Metrics
 from llama.protocol import APIError
 from llama.serving import QueueFull, Scheduler
 
@@ -34,6 +44,9 @@ from llama.serving import QueueFull, Scheduler
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 BODY_TIMEOUT_S = 30  # a body not received in this time gets 408
 DRAIN_BYTES = 64 << 20  # an oversized body is read (and dropped) up to this much, so the client sees its 413
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an X-Request-Id a client may choose
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/completion", "/infill", "/tokenize",
+             "/detokenize", "/props", "/health", "/stats", "/metrics")
 
 
 class State:
@@ -43,12 +56,46 @@ class State:
     public address on purpose); max_body_bytes: the largest request body read."""
 
     def __init__(self, model_name: str, api_key: Optional[str], allowed_hosts: Optional[Set[str]] = None,
-                 max_body_bytes: int = 1 << 20, debug: bool = False):
+                 max_body_bytes: int = 1 << 20, debug: bool = False, cors_origins: Sequence[str] = (),
+                 max_seq_len: int = 0, max_batch_size: int = 0):
         self.model_name, self.api_key, self.allowed_hosts = model_name, api_key, allowed_hosts
-        self.max_body_bytes, self.debug = max_body_bytes, debug
+        self.max_body_bytes, self.debug, self.cors_origins = max_body_bytes, debug, list(cors_origins)
         self.scheduler = None
         self.tokenizer = None
-        self.max_seq_len = 0
+        self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
+        self.metrics = Metrics(ENDPOINTS)
+        self.metrics.watch(lambda: self.scheduler.running if self.scheduler else 0,
+                           lambda: self.scheduler.queue.qsize() if self.scheduler else 0)
+
+
+class RequestIds:
+    """ASGI middleware: every HTTP request gets an id (the client's X-Request-Id if it is a plain
+    token, else a new one) in `request.state.request_id` and the X-Request-Id response header, is
+    counted in the metrics by endpoint and status, and gets one log line."""
+
+    def __init__(self, app, state: State):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:24]
+        scope.setdefault("state", {})["request_id"] = rid
+        status, start = [0], time.perf_counter()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.state.metrics.request(scope["path"], status[0])
+            print(f"llama.server: request {rid} {scope['method']} {scope['path'][:100]} {status[0]} "
+                  f"{time.perf_counter() - start:.3f} s", file=sys.stderr)
 
 
 def allowed_hosts(host: str, extra: Sequence[str]) -> Optional[Set[str]]:
@@ -74,6 +121,8 @@ def host_name(header: str) -> str:
 def create_app(state: State):
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -106,7 +155,7 @@ def create_app(state: State):
             except ClientDisconnect:  # it went away while sending: nobody reads an answer
                 return Response(status_code=499)
             except Exception as e:  # a bug of ours: never the client's fault, never a plain-text 500
-                rid = uuid.uuid4().hex[:12]
+                rid = request.state.request_id
                 print(f"llama.server: request {rid} ({request.method} {request.url.path}) failed: "
                       f"{type(e).__name__}: {e}", file=sys.stderr)
                 if state.debug:
@@ -141,75 +190,132 @@ def create_app(state: State):
                                 "(start it with a larger --max_request_mb)", code="request_too_large")
         return b"".join(chunks)
 
-    def job_of(raw: bytes, parse: Callable):
+    def request_of(raw: bytes, parse: Callable, rid: str) -> protocol.Request:
         """Decode, check and tokenize a request (CPU work: run off the event loop)."""
-        return parse(protocol.parse_json_body(raw), state.tokenizer, state.max_seq_len)
+        req = parse(protocol.parse_json_body(raw), state.tokenizer, state.max_seq_len, [state.model_name])
+        req.id = rid
+        for job in req.jobs:
+            job.id = rid
+        return req
 
-    async def serve(request, parse: Callable):
+    def loaded() -> None:
         if state.scheduler is None:
             raise APIError(503, "the model is loading; try again shortly", type="unavailable_error")
+
+    async def serve(request, parse: Callable):
+        loaded()
+        arrived = time.perf_counter()
         raw = await read_body(request)
-        job = await run_in_threadpool(job_of, raw, parse)
+        req = await run_in_threadpool(request_of, raw, parse, request.state.request_id)
+        handles = []
         try:
-            handle = state.scheduler.submit(job, asyncio.get_running_loop())
+            for job in req.jobs:
+                handles.append(state.scheduler.submit(job, asyncio.get_running_loop()))
         except QueueFull:
+            for h in handles:
+                h.cancelled = True
             raise APIError(503, "the server is busy: too many requests are waiting; retry later",
                            type="unavailable_error", code="queue_full") from None
-        if job.stream:
-            return StreamingResponse(events(handle), media_type="text/event-stream")
-        result = await wait(request, handle)
-        if result is None:  # the client went away: nobody reads this
+        watch = Watch(req, handles, arrived)
+        if req.stream:
+            return StreamingResponse(events(watch), media_type="text/event-stream")
+        results = await wait(request, watch)
+        if results is None:  # the client went away: nobody reads this
             return Response(status_code=499)
-        if isinstance(result, APIError):
-            return error(result)
-        return JSONResponse(protocol.completion_response(job, result, state.model_name))
+        if isinstance(results, APIError):
+            return error(results)
+        return JSONResponse(protocol.completion_response(req, results, state.model_name))
+
+    class Watch:
+        """The events of a request's jobs merged into one queue as (job index, event), with the
+        metrics of each finished answer recorded as it finishes."""
+
+        def __init__(self, req: protocol.Request, handles: list, arrived: float):
+            self.req, self.handles, self.arrived = req, handles, arrived
+            self.queue: asyncio.Queue = asyncio.Queue()
+            self.first: List[Optional[float]] = [None] * len(handles)
+            self.tasks = [asyncio.ensure_future(self._forward(i, h)) for i, h in enumerate(handles)]
+
+        async def _forward(self, i: int, handle) -> None:
+            while True:
+                kind, value = await handle.events.get()
+                now = time.perf_counter() - self.arrived
+                if kind == "text" and self.first[i] is None:
+                    self.first[i] = now
+                if kind == "done":
+                    state.metrics.answer(value.prompt_tokens, value.completion_tokens,
+                                         now if self.first[i] is None else self.first[i], now)
+                await self.queue.put((i, (kind, value)))
+                if kind != "text":
+                    return
+
+        def cancel(self) -> None:
+            """The client went away: free the rows still running, stop forwarding."""
+            for h in self.handles:
+                h.cancelled = True
+            for t in self.tasks:
+                t.cancel()
 
     async def disconnected(request) -> None:
         """Returns when the client hangs up (the body has been read: the next message says so)."""
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    async def wait(request, handle):
-        """The job's Result, or an APIError; None if the client went away (the job is cancelled)."""
+    async def wait(request, watch: Watch):
+        """Each job's Result, or an APIError; None if the client went away (the jobs are cancelled)."""
         gone = asyncio.ensure_future(disconnected(request))
+        results: List[Optional[object]] = [None] * len(watch.handles)
         try:
-            while True:
-                event = asyncio.ensure_future(handle.events.get())
+            while any(r is None for r in results):
+                event = asyncio.ensure_future(watch.queue.get())
                 await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if not event.done():
                     event.cancel()
-                    handle.cancelled = True
+                    watch.cancel()
                     return None
-                kind, value = event.result()
+                i, (kind, value) = event.result()
                 if kind == "done":
-                    return value
+                    results[i] = value
                 if kind == "error":
+                    watch.cancel()
                     return APIError(500, value, type="server_error")
+            return results
         finally:
             gone.cancel()
 
-    async def events(handle):
-        """Server-sent events: a chunk per piece of text, the last with the finish reason."""
-        job, first, finished = handle.job, True, False
+    async def events(watch: Watch):
+        """Server-sent events: a chunk per piece of text of any choice, each choice's last with its
+        finish reason; then the usage chunk if asked (stream_options.include_usage), then [DONE]."""
+        req, finished = watch.req, False
+        first = [True] * len(watch.handles)
+        results: List[Optional[object]] = [None] * len(watch.handles)
         try:
-            while True:
-                kind, value = await handle.events.get()
+            while any(r is None for r in results):
+                i, (kind, value) = await watch.queue.get()
                 if kind == "error":
                     yield f"data: {json.dumps(APIError(500, value, type='server_error').body())}\n\n"
                     finished = True
                     return
-                chunk = protocol.stream_chunk(job, state.model_name, value if kind == "text" else "",
-                                              finish=value if kind == "done" else None, first=first)
-                first = False
-                yield f"data: {json.dumps(chunk)}\n\n"
+                chunk = protocol.stream_chunk(req, req.jobs[i], state.model_name, value if kind == "text" else "",
+                                              finish=value if kind == "done" else None, first=first[i])
+                first[i] = False
                 if kind == "done":
-                    finished = True
-                    if job.api != "infill":
-                        yield "data: [DONE]\n\n"
-                    return
+                    results[i] = value
+                yield f"data: {json.dumps(chunk)}\n\n"
+            finished = True
+            if req.include_usage:
+                yield f"data: {json.dumps(protocol.usage_chunk(req, results, state.model_name))}\n\n"
+            if req.api not in ("infill", "completion"):
+                yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # the client hung up: free its row at the next step
-                handle.cancelled = True
+            if not finished:  # the client hung up: free its rows at the next step
+                watch.cancel()
+
+    async def answer_off_loop(request, handle: Callable) -> JSONResponse:
+        """The JSON answer of handle(body, tokenizer), decoded and run off the event loop."""
+        loaded()
+        raw = await read_body(request)
+        return JSONResponse(await run_in_threadpool(lambda: handle(protocol.parse_json_body(raw), state.tokenizer)))
 
     async def completions(request):
         return await serve(request, protocol.parse_completion)
@@ -220,9 +326,32 @@ def create_app(state: State):
     async def infill(request):
         return await serve(request, protocol.parse_infill)
 
+    async def llama_completion(request):
+        return await serve(request, protocol.parse_llama_completion)
+
+    async def tokenize(request):
+        return await answer_off_loop(request, protocol.tokenize)
+
+    async def detokenize(request):
+        return await answer_off_loop(request, protocol.detokenize)
+
+    async def props(request):
+        """llama.cpp's /props: the context, the slots (rows), the defaults of /completion and /infill."""
+        return JSONResponse({
+            "default_generation_settings": {"n_ctx": state.max_seq_len, "params": {
+                "temperature": 0.8, "top_p": 0.95, "top_k": 0, "min_p": 0.0, "n_predict": -1, "n_probs": 0,
+                "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "seed": -1}},
+            "total_slots": state.max_batch_size, "model_path": state.model_name,
+            "is_loading": state.scheduler is None,
+        })
+
     async def models(request):
         return JSONResponse({"object": "list", "data": [
-            {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "meta"}]})
+            {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "meta",
+             "max_model_len": state.max_seq_len, "context_length": state.max_seq_len}]})
+
+    async def metrics(request):
+        return Response(state.metrics.text(), media_type=CONTENT_TYPE)
 
     async def health(request):
         if state.scheduler is None:
@@ -246,11 +375,20 @@ def create_app(state: State):
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
         Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
         Route("/infill", endpoint(infill), methods=["POST"]),
+        Route("/completion", endpoint(llama_completion), methods=["POST"]),
+        Route("/tokenize", endpoint(tokenize), methods=["POST"]),
+        Route("/detokenize", endpoint(detokenize), methods=["POST"]),
+        Route("/props", endpoint(props), methods=["GET"]),
+        Route("/metrics", endpoint(metrics), methods=["GET"]),
         Route("/v1/models", endpoint(models), methods=["GET"]),
         Route("/health", endpoint(health, auth=False), methods=["GET"]),
         Route("/stats", endpoint(stats), methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    middleware = [Middleware(RequestIds, state=state)]
+    if state.cors_origins:  # browsers may call from these origins (preflights are answered before the gate)
+        middleware.append(Middleware(CORSMiddleware, allow_origins=state.cors_origins, allow_methods=["*"],
+                                     allow_headers=["*"], expose_headers=["X-Request-Id"]))
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, middleware=middleware)
 
 
 def start_http(app, host: str, port: int):
@@ -292,6 +430,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max_request_mb", type=float, default=None,
                         help="largest request body (413 beyond); default: room for a prompt of max_seq_len")
     parser.add_argument("--debug", action="store_true", help="log tracebacks of internal errors")
+    parser.add_argument("--cors_origins", nargs="*", default=[],
+                        help="origins whose browser pages may call the server (CORS), e.g. http://localhost:3000 "
+                             "or '*'; default: none")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--compile", action="store_true", help="compile the decode step (see README)")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
@@ -310,7 +451,7 @@ def main(argv=None) -> None:
     max_mb = a.max_request_mb if a.max_request_mb is not None else max(1.0, a.max_seq_len * 64 / 2**20)
     rank = int(os.environ.get("RANK", 0))
     state = State(Path(a.ckpt_dir).resolve().name, a.api_key, allowed_hosts(a.host, a.allowed_hosts),
-                  int(max_mb * 2**20), a.debug)
+                  int(max_mb * 2**20), a.debug, a.cors_origins, a.max_seq_len, a.max_batch_size)
     server = thread = None
     if rank == 0:
         server, thread = start_http(create_app(state), a.host, a.port)
@@ -328,6 +469,7 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     state.tokenizer, state.max_seq_len = generator.tokenizer, a.max_seq_len
+    scheduler.metrics = state.metrics  # its prefix_cache_hit_ratio and kv_blocks_in_use are the scheduler's to set
     state.scheduler = scheduler
     if rank == 0:
         print("llama.server: ready", file=sys.stderr)

@@ -86,6 +86,7 @@ class Scheduler:
         self.texts: Dict[int, Running] = {}  # rank 0: the running jobs, by row key
         self.leaving: Set[int] = set()  # rank 0: rows whose answer is over but that still run
         self.next_key = 0
+        self.metrics = None  # rank 0: the server's llama.metrics.Metrics, for gauges such as the prefix cache's
 
     # The HTTP side (rank 0) ---------------------------------------------------------------------
 

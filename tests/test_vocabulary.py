@@ -244,7 +244,7 @@ def test_smollm2_chat_stops_at_end_of_turn(smollm2_tokenizer):
 
 def test_smollm2_chat_endpoint_uses_the_template(smollm2_tokenizer, smollm2_hf_tokenizer):
     dialog = DIALOGS[1]
-    job = parse_chat({"messages": dialog}, smollm2_tokenizer, 4096)
+    job = parse_chat({"messages": dialog}, smollm2_tokenizer, 4096).jobs[0]
     assert job.prompt_tokens == chat_prompt_tokens(smollm2_tokenizer, dialog)
 
 
