@@ -52,7 +52,8 @@ class Engine:
         if not isinstance(prefix_cache_mb, (int, float)) or isinstance(prefix_cache_mb, bool) or prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be a number of MiB >= 0 (0 turns the cache off), not {prefix_cache_mb!r}")
         self.model = model
-        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.prefix_cache: Optional[PrefixCache] = None
+        self.use_prefix_cache(int(prefix_cache_mb * 2**20))
         self.rng = torch.Generator(device=model.device).manual_seed(seed)
         self.decoder = CompiledDecode(model) if compile else EagerDecode(model)
         self.prefill_chunk_size = prefill_chunk_size
@@ -112,6 +113,10 @@ class Engine:
                 yield from step
 
         return updates()
+
+    def use_prefix_cache(self, budget_bytes: int) -> None:
+        """Batches opened from now on keep prompts in a new prefix cache of `budget_bytes` (0: none)."""
+        self.prefix_cache = PrefixCache(budget_bytes) if budget_bytes > 0 else None
 
     def open_batch(self, stop_ids: Sequence[int], logprobs: bool) -> Batch:
         """An empty batch that rows can join (`admit`) and leave (`Batch.drop`) between steps."""

@@ -167,6 +167,12 @@ class PrefixCache:
             block.parent.children -= 1
         self.evicted_blocks += 1
 
+    def stats(self) -> Dict[str, int]:
+        """The counters and what is held, by name (for /stats and /metrics)."""
+        return {"lookups": self.lookups, "lookup_tokens": self.lookup_tokens, "hit_tokens": self.hit_tokens,
+                "blocks": self.blocks, "bytes": self.nbytes, "budget_bytes": self.budget_bytes,
+                "block_tokens": BLOCK, "stored_blocks": self.stored_blocks, "evicted_blocks": self.evicted_blocks}
+
     def clear(self) -> None:
         """Drop every block (the counters stay)."""
         self.index.clear()
