@@ -12,7 +12,7 @@ all ranks take the same decisions without talking to each other.
 """
 
 from dataclasses import dataclass, fields
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +165,7 @@ class Batch:
         prefix_cache: where joining rows find their prompts' cached prefixes and leave their own."""
         self.model, self.decode, self.stop, self.rng = model, decode, set(stop_ids), rng
         self.prefix_cache = prefix_cache
+        self.fed: Dict[int, List[int]] = {}  # with a prefix cache: key -> the tokens its cache row was fed
         self.logprobs, self.prefill_chunk = logprobs, prefill_chunk
         self.rows = Rows.empty()
         self.pending: List[torch.Tensor] = []  # tokens sampled since the last sync, (A,) each
@@ -223,6 +224,8 @@ class Batch:
             row_cap=torch.tensor(caps, device=device), row_temp=torch.tensor(temps, device=device),
             row_top_p=torch.tensor(top_ps, device=device),
         ))
+        if pc is not None:
+            self.fed.update((keys[i], list(prompts[i])) for i in joining)
         return updates
 
     @torch.inference_mode()
@@ -231,9 +234,20 @@ class Batch:
         keep = [a for a, k in enumerate(self.rows.keys) if k not in keys]
         if len(keep) == len(self):
             return
+        self._store_prefixes(keys)
         if keep:
             self.model.cache.keep_rows(keep)
         self.rows = self.rows.select(keep)
+
+    def _store_prefixes(self, keys) -> None:
+        """Keep the leaving rows' prompts and answers (as far as their cache rows hold them, short
+        of the last position a row past its budget rewrites) in the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        for a, key in enumerate(self.rows.keys):
+            if key in keys:
+                n = min(len(self.fed[key]), self.rows.pos_host[a], self.rows.cap[a])
+                self.prefix_cache.store(self.fed.pop(key)[:n], self.model.cache, a)
 
     @torch.inference_mode()
     def step(self, sync: bool) -> List[RowUpdate]:
@@ -264,6 +278,9 @@ class Batch:
         new = torch.stack(self.pending, 1).tolist()
         new_lp = torch.stack(self.pending_lp, 1).tolist() if self.logprobs else [[] for _ in new]
         self.pending, self.pending_lp = [], []
+        if self.prefix_cache is not None:  # each row was fed all but its last token, fed next if it stays
+            for key, tokens in zip(self.rows.keys, new):
+                self.fed[key] += tokens
         updates, done = [], set()
         for a, key in enumerate(self.rows.keys):
             u = RowUpdate(key, [], [])

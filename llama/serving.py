@@ -143,6 +143,8 @@ class Scheduler:
                 print(f"llama.server: {type(e).__name__}: {e}", file=sys.stderr)
                 batch.drop(set(batch.keys))
                 self.staged = None
+                if self.engine.prefix_cache is not None:  # what the failed step wrote is not trusted
+                    self.engine.prefix_cache.clear()
                 if self.rank == 0:
                     for key in list(self.texts):
                         self._end(key, ("error", f"{type(e).__name__}: {e}"))

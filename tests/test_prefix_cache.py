@@ -149,6 +149,21 @@ def test_library_answers_equal_with_the_prefix_cache(tiny_dir, plain, mb, chunk)
     assert all(abs(x - y) < 1e-4 for u, v in zip(got[1], ref[1]) for x, y in zip(u, v))
 
 
+def test_a_finished_answer_is_cached_for_the_next_turn(tiny_dir, plain):
+    """A follow-up that repeats the prompt and its answer finds both in the cache."""
+    cached = Llama.build(str(tiny_dir), max_seq_len=128, max_batch_size=4, device=DEVICE, dtype="float32",
+                         prefix_cache_mb=1)
+    prompt = ragged_prompts()[0]  # 43 tokens
+    answer = cached.generate([prompt], max_gen_len=30, temperature=0, stop_token=-1)[0][0]
+    assert answer == plain.generate([prompt], max_gen_len=30, temperature=0, stop_token=-1)[0][0]
+    follow = prompt + answer + [5, 6, 7]
+    before = cached.engine.prefix_cache.hit_tokens
+    got = cached.generate([follow], max_gen_len=10, temperature=0)[0]
+    # positions 0..71 were fed (the 30th answer token never is): 4 whole blocks
+    assert cached.engine.prefix_cache.hit_tokens - before == 64
+    assert got == plain.generate([follow], max_gen_len=10, temperature=0)[0]
+
+
 def test_library_is_off_by_default(plain):
     assert plain.engine.prefix_cache is None
     with pytest.raises(ValueError, match="prefix_cache_mb"):
