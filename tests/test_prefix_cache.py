@@ -7,6 +7,7 @@ import random
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +200,27 @@ def test_staged_prefill_between_decode_steps_gives_the_same_answers(tiny_dir, pl
                 out[u.row] += u.tokens
     assert [out[0], out[1], out[2]] == want
     assert chunks >= (70 - 40 * mb) // 6 - 1, "the long prompt went in chunks, between decode steps"
+
+
+def test_model_parallel_library_with_prefix_cache(tiny_mp2_dir, plain, tmp_path):
+    """torchrun --nproc_per_node 2: both ranks give the one-process answers and hold alike blocks."""
+    import json
+    import subprocess
+
+    from device import subprocess_env
+
+    need_processes(2)
+    prompts = ragged_prompts()
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "tests/mp_prefix.py", str(tmp_path), str(tiny_mp2_dir), str(tmp_path / "prompts.json")]
+    r = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, env=subprocess_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    want = plain.generate(prompts, max_gen_len=12, temperature=0)[0]
+    assert ranks[0]["answers"] == ranks[1]["answers"] == [want, want]
+    assert ranks[0]["stats"] == ranks[1]["stats"] and ranks[0]["stats"]["evicted_blocks"] > 0
 
 
 # The server ----------------------------------------------------------------------------------
