@@ -12,12 +12,13 @@ all ranks take the same decisions without talking to each other.
 """
 
 from dataclasses import dataclass, field, fields
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from llama.model import Transformer
+from llama.prefix_cache import Hit, PrefixCache
 from llama.sampling import SamplingParams, process_logits, row_generator, sample, sample_processed, sample_rows
 
 
@@ -58,29 +59,35 @@ def token_logprobs(model: Transformer, h: torch.Tensor, targets: torch.Tensor, c
 
 def prefill(
     model: Transformer, prompts: List[List[int]], need_logits: List[bool], prompt_logprobs: bool, chunk: int,
-    row0: int = 0,
+    row0: int = 0, starts: Optional[List[int]] = None,
 ) -> Tuple[List[int], Optional[torch.Tensor], List[List[float]]]:
-    """Run the prompts, sorted by length, through the model, writing cache rows row0..row0+n-1.
+    """Run the prompts, sorted by (start, length), through the model, writing cache rows
+    row0..row0+n-1. starts: where each row's prefill begins (its positions before that are in
+    the cache already); rows with the same start are grouped. Prompt log-probabilities need
+    start 0.
 
     Returns (the indices k with need_logits[k], the logits (len, V) of their last prompt token,
     per-prompt log-probabilities of tokens 1.. when asked)."""
+    starts = [0] * len(prompts) if starts is None else starts
+    assert not prompt_logprobs or not any(starts), "prompt log-probabilities need every position run"
     lengths = [len(p) for p in prompts]
     last_h: List[Optional[torch.Tensor]] = [None] * len(prompts)
     lps: List[List[float]] = [[] for _ in prompts]
-    for group in prefill_groups(lengths):
+    for group in start_groups(starts, lengths):
         if not prompt_logprobs and not any(need_logits[k] for k in group):
             continue
-        width = max(lengths[k] for k in group)
+        begin = starts[group.start]
+        width = max(lengths[k] for k in group) - begin
         tokens = torch.zeros((len(group), width), dtype=torch.long)  # right-padded, made on the host
         for j, k in enumerate(group):
-            tokens[j, : lengths[k]] = torch.tensor(prompts[k], dtype=torch.long)
+            tokens[j, : lengths[k] - begin] = torch.tensor(prompts[k][begin:], dtype=torch.long)
         tokens = tokens.to(model.device)  # one copy to the device, not one per row
         # Padding only ever follows a row's prompt, so causal attention keeps it out of the prompt.
         for s in range(0, width, chunk):
-            h = model.hidden(tokens[:, s : s + chunk], s, rows=slice(row0 + group.start, row0 + group.stop))
+            h = model.hidden(tokens[:, s : s + chunk], begin + s, rows=slice(row0 + group.start, row0 + group.stop))
             for j, k in enumerate(group):
-                if s <= lengths[k] - 1 < s + chunk:
-                    last_h[k] = h[j, lengths[k] - 1 - s]
+                if s <= lengths[k] - begin - 1 < s + chunk:
+                    last_h[k] = h[j, lengths[k] - begin - 1 - s]
                 if prompt_logprobs:
                     n = min(h.shape[1], lengths[k] - 1 - s)  # positions whose next token is in the prompt
                     if n > 0:
@@ -88,6 +95,16 @@ def prefill(
     wanted = [k for k in range(len(prompts)) if need_logits[k]]
     logits = model.logits(torch.stack([last_h[k] for k in wanted])) if wanted else None
     return wanted, logits, lps
+
+
+def start_groups(starts: Sequence[int], lengths: Sequence[int]) -> List[range]:
+    """prefill_groups within each run of rows (sorted by start, then length) that start alike."""
+    groups, a = [], 0
+    for b in range(1, len(starts) + 1):
+        if b == len(starts) or starts[b] != starts[a]:
+            groups += [range(a + g.start, a + g.stop) for g in prefill_groups([n - starts[a] for n in lengths[a:b]])]
+            a = b
+    return groups
 
 
 @dataclass
@@ -186,9 +203,13 @@ class Batch:
     one (their extra tokens are discarded)."""
 
     def __init__(self, model: Transformer, decode: Callable, stop_ids: Sequence[int],
-                 rng: Optional[torch.Generator], logprobs: bool = False, prefill_chunk: int = 2048):
-        """decode: the one-step decoder (llama.decode); logprobs: report each token's log-probability."""
+                 rng: Optional[torch.Generator], logprobs: bool = False, prefill_chunk: int = 2048,
+                 prefix_cache: Optional[PrefixCache] = None):
+        """decode: the one-step decoder (llama.decode); logprobs: report each token's log-probability;
+        prefix_cache: where joining rows find their prompts' cached prefixes and leave their own."""
         self.model, self.decode, self.stop, self.rng = model, decode, set(stop_ids), rng
+        self.prefix_cache = prefix_cache
+        self.fed: Dict[int, List[int]] = {}  # with a prefix cache: key -> the tokens its cache row was fed
         self.logprobs, self.prefill_chunk = logprobs, prefill_chunk
         self.rows = Rows.empty()
         self.pending: List[torch.Tensor] = []  # tokens sampled since the last sync, (A,) each
@@ -204,16 +225,33 @@ class Batch:
         return list(self.rows.keys)
 
     def add(self, keys: List[int], prompts: List[List[int]], budgets: List[int], params: Sequence[SamplingParams],
-            prompt_logprobs: bool = False) -> List[RowUpdate]:
+            prompt_logprobs: bool = False, prefixes: Optional[List[Optional[Hit]]] = None) -> List[RowUpdate]:
         """Prefill new rows (after a sync: no tokens may be pending). The cache must have room for
         len(self) + len(prompts) rows of each row's prompt + budget positions. Returns an update for
-        each new row: its prompt log-probabilities when asked, and "length" for a zero budget."""
+        each new row: its prompt log-probabilities when asked, and "length" for a zero budget.
+
+        prefixes: per prompt, keys and values already made for its first tokens (anything with
+        `length` and `load(cache, row)`, as llama.prefix_cache.Hit), or None: the prefix cache's
+        longest match (none when prompt log-probabilities are asked for: they need every position)."""
         assert not self.pending, "rows join only right after a sync"
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        prefixes = list(prefixes) if prefixes is not None else [None] * len(prompts)
+        pc = self.prefix_cache
+        for i, p in enumerate(prompts):
+            if prefixes[i] is None and pc is not None and not prompt_logprobs:
+                prefixes[i] = pc.match(p)
+        starts = [0 if h is None else h.length for h in prefixes]
+        order = sorted(range(len(prompts)), key=lambda i: (starts[i], len(prompts[i])))
         need = [budgets[i] > 0 for i in order]
         row0 = len(self)
+        for k, i in enumerate(order):
+            if starts[i]:
+                prefixes[i].load(self.model.cache, row0 + k)
         wanted, logits, lps = prefill(self.model, [prompts[i] for i in order], need, prompt_logprobs,
-                                      self.prefill_chunk, row0)
+                                      self.prefill_chunk, row0, [starts[i] for i in order])
+        if pc is not None:  # rows whose prompt ran (a zero budget's may not have)
+            for k, i in enumerate(order):
+                if need[k] or prompt_logprobs:
+                    pc.store(prompts[i], self.model.cache, row0 + k)
         updates = [RowUpdate(keys[order[k]], [], [], None if need[k] else "length", lps[k] if prompt_logprobs else None)
                    for k in range(len(order))]
         if not wanted:
@@ -236,6 +274,8 @@ class Batch:
         )
         self._add_processors(new, [prompts[i] for i in joining], joined)
         self.rows = self.rows.extend(new)
+        if pc is not None:
+            self.fed.update((keys[i], list(prompts[i])) for i in joining)
         return updates
 
     def _add_processors(self, new: Rows, prompts: List[List[int]], params: List[SamplingParams]) -> None:
@@ -257,9 +297,20 @@ class Batch:
         keep = [a for a, k in enumerate(self.rows.keys) if k not in keys]
         if len(keep) == len(self):
             return
+        self._store_prefixes(keys)
         if keep:
             self.model.cache.keep_rows(keep)
         self.rows = self.rows.select(keep)
+
+    def _store_prefixes(self, keys) -> None:
+        """Keep the leaving rows' prompts and answers (as far as their cache rows hold them, short
+        of the last position a row past its budget rewrites) in the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        for a, key in enumerate(self.rows.keys):
+            if key in keys:
+                n = min(len(self.fed[key]), self.rows.pos_host[a], self.rows.cap[a])
+                self.prefix_cache.store(self.fed.pop(key)[:n], self.model.cache, a)
 
     @torch.inference_mode()
     def step(self, sync: bool) -> List[RowUpdate]:
@@ -302,6 +353,9 @@ class Batch:
         top_lp = torch.stack([v for v, _ in self.pending_top], 1).tolist() if self.pending_top else None
         top_ids = torch.stack([i for _, i in self.pending_top], 1).tolist() if self.pending_top else None
         self.pending, self.pending_lp, self.pending_top = [], [], []
+        if self.prefix_cache is not None:  # each row was fed all but its last token, fed next if it stays
+            for key, tokens in zip(self.rows.keys, new):
+                self.fed[key] += tokens
         updates, done = [], set()
         for a, key in enumerate(self.rows.keys):
             n_top = self.rows.tops[a]

@@ -17,9 +17,11 @@ import torch
 
 from llama.batch import Batch, RowUpdate
 from llama.checks import is_int
+from llama.chunked_prefill import StagedPrefill
 from llama.decode import CompiledDecode, EagerDecode
 from llama.distributed import check_cuda_room
 from llama.model import Transformer
+from llama.prefix_cache import PrefixCache
 from llama.sampling import SamplingParams
 
 
@@ -41,10 +43,17 @@ class Engine:
     """Runs token prompts through one model-parallel rank's model. Every rank holds an Engine
     seeded alike and makes the same calls, so all ranks draw the same tokens."""
 
-    def __init__(self, model: Transformer, seed: int = 1, compile: bool = False, prefill_chunk_size: int = 2048):
+    def __init__(self, model: Transformer, seed: int = 1, compile: bool = False, prefill_chunk_size: int = 2048,
+                 prefix_cache_mb: float = 0):
         """compile: decode with a torch.compile'd step on static caches (llama.decode);
-        prefill_chunk_size: prompts go through the model at most this many tokens at a time."""
+        prefill_chunk_size: prompts go through the model at most this many tokens at a time;
+        prefix_cache_mb: keep prompts' keys and values in a prefix cache of this many MiB (per
+        process; 0: none) and reuse them for prompts that start alike (llama.prefix_cache)."""
+        if not isinstance(prefix_cache_mb, (int, float)) or isinstance(prefix_cache_mb, bool) or prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be a number of MiB >= 0 (0 turns the cache off), not {prefix_cache_mb!r}")
         self.model = model
+        self.prefix_cache: Optional[PrefixCache] = None
+        self.use_prefix_cache(int(prefix_cache_mb * 2**20))
         self.rng = torch.Generator(device=model.device).manual_seed(seed)
         self.decoder = CompiledDecode(model) if compile else EagerDecode(model)
         self.prefill_chunk_size = prefill_chunk_size
@@ -105,18 +114,29 @@ class Engine:
 
         return updates()
 
+    def use_prefix_cache(self, budget_bytes: int) -> None:
+        """Batches opened from now on keep prompts in a new prefix cache of `budget_bytes` (0: none)."""
+        self.prefix_cache = PrefixCache(budget_bytes) if budget_bytes > 0 else None
+
     def open_batch(self, stop_ids: Sequence[int], logprobs: bool) -> Batch:
         """An empty batch that rows can join (`admit`) and leave (`Batch.drop`) between steps."""
-        return Batch(self.model, self.decoder, stop_ids, self.rng, logprobs, self.prefill_chunk_size)
+        return Batch(self.model, self.decoder, stop_ids, self.rng, logprobs, self.prefill_chunk_size,
+                     self.prefix_cache)
 
     @torch.inference_mode()
     def admit(self, batch: Batch, keys: List[int], prompts: List[List[int]],
-              params: Sequence[SamplingParams]) -> List[RowUpdate]:
+              params: Sequence[SamplingParams], prefixes: Optional[list] = None) -> List[RowUpdate]:
         """Prefill checked prompts into a running batch (after a sync step): their budgets, the
-        cache fitted for every row, the join. Returns Batch.add's updates."""
+        cache fitted for every row, the join. prefixes: as Batch.add takes them (a StagedPrefill
+        whose last chunk is left, say). Returns Batch.add's updates."""
         budgets = self._budgets(prompts, params)
         self._fit_cache(prompts, budgets, len(batch) + len(prompts), rows_may_join=True)
-        return batch.add(keys, prompts, budgets, params)
+        return batch.add(keys, prompts, budgets, params, prefixes=prefixes)
+
+    def start_prefill(self, prompt: List[int]) -> StagedPrefill:
+        """A checked prompt's prefill to run chunk by chunk beside a running batch, then `admit`
+        with it as the prompt's prefix once `remaining` <= prefill_chunk_size."""
+        return StagedPrefill(self.model, prompt, self.prefill_chunk_size, self.prefix_cache)
 
     # The generation core -------------------------------------------------------------------
 

@@ -77,6 +77,7 @@ class Llama:
         seed: int = 1,
         compile: bool = False,
         prefill_chunk_size: int = 2048,
+        prefix_cache_mb: float = 0,
         check_weights: bool = False,
         quantize: Optional[str] = None,
         group_size: Optional[int] = None,
@@ -104,6 +105,10 @@ class Llama:
                 batches of each size compile (a minute or more); falls back to eager on failure.
             prefill_chunk_size: prompts go through the model at most this many tokens at a time,
                 which bounds the memory of a long prompt's prefill.
+            prefix_cache_mb: keep the keys and values of prompts in a prefix cache of this many MiB
+                per process (blocks of 16 tokens, least recently used evicted first), so a prompt
+                that starts like an earlier one prefills only the rest; greedy answers are the
+                same. 0 (the default): no cache, every prompt runs whole as in the reference.
             check_weights: check that every weight is finite as it is loaded, and name the first NaN
                 or infinite one (off by default: it adds about 10% to a float32 load on CPU).
             quantize: "int8" or "int4": weight-only quantization of the attention and feed-forward
@@ -135,15 +140,17 @@ class Llama:
                            quantize=quantize, group_size=group_size)
         if distributed.is_main_process():
             print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
-        return Llama(model, tokenizer, seed=seed, compile=compile, prefill_chunk_size=prefill_chunk_size)
+        return Llama(model, tokenizer, seed=seed, compile=compile, prefill_chunk_size=prefill_chunk_size,
+                     prefix_cache_mb=prefix_cache_mb)
 
     def __init__(
         self, model: Transformer, tokenizer: TokenizerProtocol, seed: int = 1, compile: bool = False,
-        prefill_chunk_size: int = 2048,
+        prefill_chunk_size: int = 2048, prefix_cache_mb: float = 0,
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = Engine(model, seed=seed, compile=compile, prefill_chunk_size=prefill_chunk_size)
+        self.engine = Engine(model, seed=seed, compile=compile, prefill_chunk_size=prefill_chunk_size,
+                             prefix_cache_mb=prefix_cache_mb)
 
     def generate(
         self,

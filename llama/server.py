@@ -37,6 +37,7 @@ from llama import protocol
 from llama.cli import reports_user_errors
 from llama.generation import Llama
 from llama.metrics import CONTENT_TYPE, Metrics
+from llama.prefix_cache import default_budget_bytes
 from llama.protocol import APIError
 from llama.serving import QueueFull, Scheduler
 
@@ -365,7 +366,8 @@ def create_app(state: State):
             return JSONResponse({"status": "loading"})
         return JSONResponse({"requests": s.stats.requests, "largest_batch": s.stats.largest_batch,
                              "steps_by_batch_size": s.stats.steps_by_rows, "cancelled": s.stats.cancelled,
-                             "queued": s.queue.qsize(), "running": s.running})
+                             "queued": s.queue.qsize(), "running": s.running,
+                             "prefix_cache": s.engine.prefix_cache.stats() if s.engine.prefix_cache else None})
 
     async def http_error(request, exc: HTTPException):
         return error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
@@ -409,6 +411,11 @@ def start_http(app, host: str, port: int):
     return server, thread
 
 
+# Prompt tokens per chunk of a chunked prefill: measured on the CPU study model (benchmarks/server.py
+# --chunks; see BENCHMARKS.md), where a chunk's time per token stops falling at about this size.
+PREFILL_CHUNK = 512
+
+
 @reports_user_errors("python -m llama.server")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.server", description=__doc__.split("\n\n")[0])
@@ -438,7 +445,17 @@ def main(argv=None) -> None:
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="weight-only quantization of the projections (see README)")
     parser.add_argument("--group_size", type=int, default=None, help="int4 group size (default: see README)")
+    parser.add_argument("--prefix_cache_mb", type=float, default=None,
+                        help="MiB per process of prompts' keys and values kept for prompts that start alike "
+                             "(default: a quarter of a full batch's KV cache; 0: off)")
+    parser.add_argument("--prefill_chunk", type=int, default=PREFILL_CHUNK,
+                        help="prompt tokens prefilled per decode step while other requests stream "
+                             f"(default {PREFILL_CHUNK})")
     a = parser.parse_args(argv)
+    if a.prefix_cache_mb is not None and not a.prefix_cache_mb >= 0:
+        parser.error(f"--prefix_cache_mb must be >= 0 (0 turns the prefix cache off), not {a.prefix_cache_mb}")
+    if a.prefill_chunk < 1:
+        parser.error(f"--prefill_chunk must be a positive number of tokens, not {a.prefill_chunk}")
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
@@ -458,7 +475,12 @@ def main(argv=None) -> None:
         print(f"llama.server: listening on http://{a.host}:{a.port} (loading {a.ckpt_dir})", file=sys.stderr)
     generator = Llama.build(a.ckpt_dir, a.tokenizer_path,
                             a.max_seq_len, a.max_batch_size, dtype=a.dtype, compile=a.compile,
-                            quantize=a.quantize, group_size=a.group_size)
+                            quantize=a.quantize, group_size=a.group_size, prefill_chunk_size=a.prefill_chunk)
+    if a.prefix_cache_mb is None:  # the same on every rank: each holds its shard of the same blocks
+        budget = default_budget_bytes(generator.model.new_cache().nbytes(a.max_batch_size, a.max_seq_len))
+    else:
+        budget = int(a.prefix_cache_mb * 2**20)
+    generator.engine.use_prefix_cache(budget)
     scheduler = Scheduler(generator.engine, generator.tokenizer, max_queue=a.max_queue)
 
     def stop(signum, frame):

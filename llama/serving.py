@@ -2,23 +2,32 @@
 
 Rank 0 owns the queue of jobs (filled by the HTTP server) and decides; every other rank follows.
 Before every decode step rank 0 broadcasts which rows leave (answers complete by a stop string,
-clients that went away) and which waiting jobs join (up to max_batch_size rows); all ranks apply
-that to the same engine batch and take the step in lockstep. After the step rank 0 turns each
-job's new tokens into text and hands it to the HTTP side.
+clients that went away), which waiting jobs join (up to max_batch_size rows) and which long
+prompt starts a chunked prefill; all ranks apply that to the same engine batch and take the step
+in lockstep. After the step rank 0 turns each job's new tokens into text and hands it to the
+HTTP side.
+
+Chunked prefill: while rows are decoding, a round prefills about one chunk (the engine's
+prefill_chunk_size) of prompt tokens: jobs whose prompt (less what the prefix cache holds) fits
+join at once; a longer one is prefilled one chunk per round beside the batch (StagedPrefill) and
+joins with its last chunk, so running streams wait about one chunk per step. With no row
+decoding, waiting jobs join at once, whatever their length.
 """
 
 import asyncio
+import collections
 import queue
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
 
 from llama.answers import Answer, Result
 from llama.batch import RowUpdate
+from llama.chunked_prefill import StagedPrefill
 from llama.engine import Engine
 from llama.protocol import Job
 from llama.tokenizer import TokenizerProtocol
@@ -87,6 +96,8 @@ class Scheduler:
         self.leaving: Set[int] = set()  # rank 0: rows whose answer is over but that still run
         self.next_key = 0
         self.metrics = None  # rank 0: the server's llama.metrics.Metrics, for gauges such as the prefix cache's
+        self.waiting: "collections.deque[Handle]" = collections.deque()  # rank 0: taken, not yet joined
+        self.staged: Optional[Tuple[int, Job, StagedPrefill]] = None  # every rank: the chunked prefill
 
     # The HTTP side (rank 0) ---------------------------------------------------------------------
 
@@ -118,11 +129,10 @@ class Scheduler:
             message = self._broadcast(message)
             if message == STOP:
                 return
-            leave, join = message
+            leave, join, stage = message
             try:
                 batch.drop(set(leave))
-                if join:
-                    self._join(batch, join)
+                self._prefill(batch, leave, join, stage)
                 self.running = len(batch)
                 if batch:
                     self.stats.steps_by_rows[len(batch)] = self.stats.steps_by_rows.get(len(batch), 0) + 1
@@ -133,50 +143,104 @@ class Scheduler:
             except Exception as e:  # a failure on every rank (out of memory, say): its clients get an error
                 print(f"llama.server: {type(e).__name__}: {e}", file=sys.stderr)
                 batch.drop(set(batch.keys))
+                self.staged = None
+                if self.engine.prefix_cache is not None:  # what the failed step wrote is not trusted
+                    self.engine.prefix_cache.clear()
                 if self.rank == 0:
                     for key in list(self.texts):
                         self._end(key, ("error", f"{type(e).__name__}: {e}"))
 
     def _plan(self, batch):
-        """Rank 0: (rows to drop, jobs to add as (key, job)), or STOP."""
+        """Rank 0: (rows to drop, jobs to add as (key, job), a job whose chunked prefill starts or
+        None), or STOP."""
         if self.stopping.is_set():
             for key in list(self.texts):
                 self._end(key, ("error", "the server is shutting down"))
+            while self.waiting:
+                self.waiting.popleft().send(("error", "the server is shutting down"))
             return STOP
         for key, t in self.texts.items():
             if t.handle.cancelled and key not in self.leaving:
                 self.stats.cancelled += 1
                 print(f"llama.server: request {t.handle.job.id} cancelled: the client went away", file=sys.stderr)
                 self.leaving.add(key)
-        leave = sorted(self.leaving & set(batch.keys))
+        staged = {self.staged[0]} if self.staged else set()
+        leave = sorted(self.leaving & (set(batch.keys) | staged))
         for key in self.leaving:
             self.texts.pop(key, None)
         self.leaving = set()
-        free = self.max_batch_size - (len(batch) - len(leave))
-        join = []
-        wait = 0.0 if batch else 1.0  # idle: block for a while (then a heartbeat round)
-        while len(join) < free:
+        staying = len(batch) - len(set(leave) - staged)
+        free = self.max_batch_size - staying - (1 if staged - set(leave) else 0)
+        join, stage = [], None
+        chunk = self.engine.prefill_chunk_size
+        budget = None  # prompt tokens this round may prefill (None: no row is decoding, no limit)
+        if staying or (staged - set(leave)):
+            budget = chunk - (min(self.staged[2].remaining, chunk) if staged - set(leave) else 0)
+        wait = 0.0 if batch or self.staged else 1.0  # idle: block for a while (then a heartbeat round)
+        while len(join) + (stage is not None) < free:
             try:
-                handle = self.queue.get(timeout=wait) if wait else self.queue.get_nowait()
+                if self.waiting:
+                    handle = self.waiting.popleft()
+                else:
+                    handle = self.queue.get(timeout=wait) if wait else self.queue.get_nowait()
             except queue.Empty:
                 break
             wait = 0.005 if not batch and not join else 0.0  # requests sent together arrive together
             if handle.cancelled:
                 continue
+            todo = self._to_prefill(handle.job.prompt_tokens)
+            if budget is not None and todo > budget:
+                if todo <= chunk or join or self.staged or stage:  # its turn comes in a later round
+                    self.waiting.appendleft(handle)
+                    break
             key, self.next_key = self.next_key, self.next_key + 1
             self.texts[key] = Running(handle, self._answer(handle.job))
             if handle.job.echo_text:
                 handle.send(("text", handle.job.echo_text))
+            if budget is not None and todo > budget:
+                stage = (key, handle.job)
+                break
             join.append((key, handle.job))
-        return leave, join
+            budget = None if budget is None else budget - todo
+        return leave, join, stage
+
+    def _to_prefill(self, prompt: List[int]) -> int:
+        """Rank 0: the prompt tokens a join would run now (what the prefix cache lacks)."""
+        cache = self.engine.prefix_cache
+        return len(prompt) - (cache.peek(prompt) if cache is not None else 0)
+
+    def _prefill(self, batch, leave, join, stage) -> None:
+        """Every rank: the round's prefill work. The chunked prefill under way takes its next
+        chunk, or joins with its last one; the jobs in `join` join; `stage` starts its chunked
+        prefill (its first chunk now)."""
+        prefixes: List[Optional[StagedPrefill]] = [None] * len(join)
+        if self.staged is not None and self.staged[0] in leave:
+            self.staged = None
+        if self.staged is not None:
+            key, job, staged = self.staged
+            if staged.remaining <= self.engine.prefill_chunk_size:
+                join, prefixes = [(key, job)] + list(join), [staged] + prefixes
+                self.staged = None
+            else:
+                staged.step()
+        if join:
+            self._join(batch, join, prefixes)
+        if stage is not None:
+            key, job = stage
+            staged = self.engine.start_prefill(job.prompt_tokens)
+            if staged.remaining <= self.engine.prefill_chunk_size:  # the prefix cache holds the rest
+                self._join(batch, [stage], [staged])
+            else:
+                staged.step()
+                self.staged = (key, job, staged)
 
     def _answer(self, job: Job) -> Answer:
         decode = self.tokenizer.decode_infilling if job.infill else self.tokenizer.decode
         return Answer(decode, self.tokenizer.token_piece, job.stop, job.params.logprobs, len(job.prompt_tokens))
 
-    def _join(self, batch, join) -> None:
+    def _join(self, batch, join, prefixes=None) -> None:
         updates = self.engine.admit(batch, [key for key, _ in join], [job.prompt_tokens for _, job in join],
-                                    [job.params for _, job in join])
+                                    [job.params for _, job in join], prefixes)
         if self.rank == 0:
             for u in updates:
                 if u.finish_reason:  # nothing to generate (max_tokens 0)
