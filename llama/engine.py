@@ -21,6 +21,7 @@ from llama.decode import CompiledDecode, EagerDecode
 from llama.distributed import check_cuda_room
 from llama.model import Transformer
 from llama.sampling import SamplingParams
+from llama.speculative import SpeculativeBatch, SpeculativeStats, Speculator
 
 
 @dataclass
@@ -41,10 +42,13 @@ class Engine:
     """Runs token prompts through one model-parallel rank's model. Every rank holds an Engine
     seeded alike and makes the same calls, so all ranks draw the same tokens."""
 
-    def __init__(self, model: Transformer, seed: int = 1, compile: bool = False, prefill_chunk_size: int = 2048):
+    def __init__(self, model: Transformer, seed: int = 1, compile: bool = False, prefill_chunk_size: int = 2048,
+                 speculator: Optional[Speculator] = None):
         """compile: decode with a torch.compile'd step on static caches (llama.decode);
-        prefill_chunk_size: prompts go through the model at most this many tokens at a time."""
+        prefill_chunk_size: prompts go through the model at most this many tokens at a time;
+        speculator: decode speculatively (llama.speculative; its verify step runs eagerly)."""
         self.model = model
+        self.speculator = speculator
         self.rng = torch.Generator(device=model.device).manual_seed(seed)
         self.decoder = CompiledDecode(model) if compile else EagerDecode(model)
         self.prefill_chunk_size = prefill_chunk_size
@@ -52,6 +56,11 @@ class Engine:
     @property
     def max_seq_len(self) -> int:
         return self.model.params.max_seq_len
+
+    @property
+    def speculative_stats(self) -> Optional[SpeculativeStats]:
+        """Acceptance rate and tokens per target forward of speculative decoding (None without)."""
+        return None if self.speculator is None else self.speculator.stats
 
     @property
     def max_batch_size(self) -> int:
@@ -107,6 +116,8 @@ class Engine:
 
     def open_batch(self, stop_ids: Sequence[int], logprobs: bool) -> Batch:
         """An empty batch that rows can join (`admit`) and leave (`Batch.drop`) between steps."""
+        if self.speculator is not None:
+            return SpeculativeBatch(self.speculator, self.model, stop_ids, self.rng, logprobs, self.prefill_chunk_size)
         return Batch(self.model, self.decoder, stop_ids, self.rng, logprobs, self.prefill_chunk_size)
 
     @torch.inference_mode()
