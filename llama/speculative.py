@@ -67,20 +67,19 @@ def check_speculative_tokens(k) -> Optional[int]:
 
 
 def check_same_tokenizer(target, draft) -> None:
-    """Raise ValueError unless the draft's tokenizer is the target's: same vocabulary size, special
-    ids and a sample of pieces."""
+    """Raise ValueError unless the draft's tokenizer is the target's: the same vocabulary size,
+    special ids and pieces."""
     if target.n_words != draft.n_words:
         raise ValueError(f"the draft model's tokenizer has {draft.n_words} tokens, the target's {target.n_words}: "
                          "a draft must share the target's tokenizer (Code Llama 7B drafts for 13B/34B/70B)")
-    for name in ("bos_id", "eos_id"):
-        if getattr(target, name) != getattr(draft, name):
-            raise ValueError(f"the draft model's tokenizer differs from the target's ({name}); "
+    for name in ("bos_id", "eos_id", "prefix_id", "middle_id", "suffix_id", "eot_id", "step_id"):
+        if getattr(target, name, None) != getattr(draft, name, None):
+            raise ValueError(f"the draft model's tokenizer differs from the target's ({name}): "
                              "a draft must share the target's tokenizer")
-    sample_ids = sorted({0, 1, 2, target.n_words // 3, target.n_words // 2, target.n_words - 1})
-    for t in sample_ids:
+    for t in range(target.n_words):
         if target.token_piece(t) != draft.token_piece(t):
             raise ValueError(f"the draft model's tokenizer differs from the target's at id {t} "
-                             f"({draft.token_piece(t)!r} vs {target.token_piece(t)!r}); "
+                             f"({draft.token_piece(t)!r}, not {target.token_piece(t)!r}): "
                              "a draft must share the target's tokenizer")
 
 

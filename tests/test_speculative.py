@@ -286,6 +286,7 @@ def test_sampling_distribution_is_the_targets(sampling_generators, monkeypatch):
     seen = set().union(*counts.values(), *broken.values())
     probs = exact_probabilities(gens["plain"], seen)
     p_values = {name: chi_square_p(c, probs, SAMPLES) for name, c in {**counts, **broken}.items()}
+    print("chi-square p-values:", p_values)
     for name in counts:
         assert p_values[name] >= ALPHA, p_values
     for name in broken:
@@ -307,7 +308,10 @@ def test_mp2_equals_plain_mp1(tiny_dir, tiny_mp2_dir, tmp_path_factory):
     for name in ("ngram", "draft"):
         got = ranks[0][name]
         for request in expected:
-            if request != "sampled":  # sampling draws differently (same distribution, tested above)
+            if request.endswith("stream"):  # pieces may hold several tokens: compare the text
+                assert "".join(got[request]) == "".join(expected[request])
+            elif request not in ("sampled", "logits"):  # sampling draws differently (same distribution,
+                # tested above); raw logits of model.forward are compared by test_distributed
                 assert_same_answers(got[request], expected[request])
         assert got["stats"]["proposed"] > 0
 
