@@ -83,14 +83,16 @@ def smollm2_path() -> Path:
 class Ours:
     name = "this package"
 
-    def __init__(self, ckpt, tokenizer_path, device, dtype, max_seq_len, compile=False):
+    def __init__(self, ckpt, tokenizer_path, device, dtype, max_seq_len, compile=False, speculative=None):
         """Llama.build on `ckpt` (a checkpoint folder or a .gguf file; tokenizer_path None: its own)."""
         self.device = device
         if compile:
             self.name = "this package, compile=True"
+        if speculative:
+            self.name = f"this package, speculative={Path(speculative).name}"
         self.build_s = timed(lambda: setattr(self, "g", Llama.build(
             str(ckpt), tokenizer_path and str(tokenizer_path), max_seq_len, 8, device=str(device), dtype=dtype,
-            compile=compile)), device)
+            compile=compile, speculative=speculative)), device)
 
     def run(self, prompts, n):
         return self.g.generate(prompts, n, temperature=0, stop_token=-1)[0]
@@ -222,6 +224,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "reference"])
     parser.add_argument("--compile", action="store_true", help="also run this package with compile=True")
+    parser.add_argument("--speculative", default=None,
+                        help='also run this package with speculative decoding: "ngram" or a draft checkpoint')
     a = parser.parse_args()
     device = torch.device(a.device)
     torch.manual_seed(0)
@@ -230,17 +234,20 @@ def main():
     if a.model:
         gguf = smollm2_path()
         ours, compiled = build_ours(gguf, None, device, a.dtype, max_seq_len, a.compile)
+        spec = a.speculative and Ours(gguf, None, device, a.dtype, max_seq_len, speculative=a.speculative)
         hf = None if "transformers" in a.skip else Transformers.from_gguf(gguf, device, a.dtype)
         prompt = text_prompts(ours.g.tokenizer)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = write_tiny_model(Path(tmp) / "model", **SHAPES[a.shape])
             ours, compiled = build_ours(ckpt, ckpt / "tokenizer.model", device, a.dtype, max_seq_len, a.compile)
+            spec = a.speculative and Ours(ckpt, ckpt / "tokenizer.model", device, a.dtype, max_seq_len,
+                                          speculative=a.speculative)
         hf = None if "transformers" in a.skip else Transformers.sharing(ours)
         prompt = random_prompts(ours.g.model.vocab_size)
     n_params = sum(p.numel() for p in unique_parameters(ours.g.model))
     weight_bytes = sum(p.numel() * p.element_size() for p in unique_parameters(ours.g.model))
-    systems = [ours] + ([compiled] if compiled else []) + ([hf] if hf else [])
+    systems = [ours] + ([compiled] if compiled else []) + ([spec] if spec else []) + ([hf] if hf else [])
     if "reference" not in a.skip:
         systems.append(Reference(ours))
 
@@ -296,6 +303,10 @@ def main():
             ratios = {k: (row[k] / base[k] if k.endswith("_s") and not k.endswith("tok_s") else base[k] / row[k])
                       for k in ("ragged_s", "decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s") if k in row}
             print(f"this package vs {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    if spec:
+        stats = spec.g.engine.speculative_stats
+        print(f"speculative ({a.speculative}), over all workloads: acceptance rate {stats.acceptance_rate:.2f}, "
+              f"{stats.tokens_per_forward:.2f} tokens per target forward")
     print(f"peak memory: {peak_memory_mb(device):.0f} MB ({'CUDA allocator' if gpu else 'host resident set'})")
     if gpu:
         bw = next((v for k, v in HBM_GBPS.items() if k in gpu), None)

@@ -295,6 +295,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="weight-only quantization of the projections (see README)")
     parser.add_argument("--group_size", type=int, default=None, help="int4 group size (default: see README)")
+    parser.add_argument("--speculative", default=None,
+                        help='speculative decoding: "ngram" (prompt lookup) or a draft checkpoint (see README)')
+    parser.add_argument("--speculative_tokens", type=int, default=None,
+                        help="tokens proposed per step (default: adaptive)")
     a = parser.parse_args(argv)
     try:
         import starlette  # noqa: F401
@@ -315,7 +319,8 @@ def main(argv=None) -> None:
         print(f"llama.server: listening on http://{a.host}:{a.port} (loading {a.ckpt_dir})", file=sys.stderr)
     generator = Llama.build(a.ckpt_dir, a.tokenizer_path,
                             a.max_seq_len, a.max_batch_size, dtype=a.dtype, compile=a.compile,
-                            quantize=a.quantize, group_size=a.group_size)
+                            quantize=a.quantize, group_size=a.group_size, speculative=a.speculative,
+                            speculative_tokens=a.speculative_tokens)
     scheduler = Scheduler(generator.engine, generator.tokenizer, max_queue=a.max_queue)
 
     def stop(signum, frame):
