@@ -147,30 +147,58 @@ def verify(logits: torch.Tensor, drafts: torch.Tensor, q: Optional[torch.Tensor]
 
 def lookup(history: Sequence[int], k: int, sizes: Sequence[int] = NGRAM_SIZES) -> List[int]:
     """Prompt lookup: up to k tokens that followed the latest earlier occurrence of the last n
-    tokens of history (n from `sizes`, longest first); [] when none occurs."""
+    tokens of history (n from `sizes`, longest first); [] when none occurs. (The reference for
+    `NgramIndex`, which finds the same occurrences without a scan.)"""
     for n in sizes:
-        if len(history) <= n:
-            continue
         tail = list(history[-n:])
-        last = tail[-1]
         for i in range(len(history) - n - 1, -1, -1):
-            if history[i + n - 1] == last and list(history[i : i + n]) == tail:
+            if list(history[i : i + n]) == tail:
                 return list(history[i + n : i + n + k])
     return []
+
+
+class NgramIndex:
+    """Where each n-gram of a growing history last started (among those followed by a token), so
+    that a lookup costs the same whatever the history's length."""
+
+    def __init__(self, sizes: Sequence[int] = NGRAM_SIZES):
+        self.sizes = sizes
+        self.starts: Dict[int, Dict[tuple, int]] = {n: {} for n in sizes}
+        self.indexed = {n: 0 for n in sizes}  # n-grams starting before this are in starts[n]
+
+    def lookup(self, history: List[int], k: int) -> List[int]:
+        """`lookup(history, k)`, from the index (brought up to date with history first)."""
+        for n in self.sizes:
+            starts = self.starts[n]
+            for i in range(self.indexed[n], len(history) - n):  # n-grams followed by a token
+                starts[tuple(history[i : i + n])] = i
+            self.indexed[n] = max(self.indexed[n], len(history) - n)
+            i = starts.get(tuple(history[-n:])) if len(history) > n else None
+            if i is not None:
+                return history[i + n : i + n + k]
+        return []
 
 
 class NgramProposer:
     """Proposals from the prompt and the answer so far (no model)."""
 
+    def __init__(self):
+        self.index: Dict[int, NgramIndex] = {}  # row key -> its history's n-grams
+
     def add(self, batch: "SpeculativeBatch", row0: int, prompts: List[List[int]]) -> None:
-        pass
+        for key in batch.rows.keys[row0:]:
+            self.index[key] = NgramIndex()
 
     def keep_rows(self, keep: List[int]) -> None:
         pass
 
+    def forget(self, key: int) -> None:
+        self.index.pop(key, None)
+
     def propose(self, batch: "SpeculativeBatch", ks: List[int]) -> Tuple[List[List[int]], Optional[torch.Tensor]]:
         """(up to ks[a] tokens per row, None: their draft distribution is one-hot)."""
-        return [lookup(batch.history[key], k) if k else [] for key, k in zip(batch.rows.keys, ks)], None
+        return [self.index[key].lookup(batch.history[key], k) if k else []
+                for key, k in zip(batch.rows.keys, ks)], None
 
 
 class DraftProposer:
@@ -285,8 +313,7 @@ class SpeculativeBatch(Batch):
             self.history.pop(key, None)
             self.k.pop(key, None)
             self.started.discard(key)
-            if isinstance(self.proposer, DraftProposer):
-                self.proposer.forget(key)
+            self.proposer.forget(key)
         super().drop(keys)
 
     @torch.inference_mode()

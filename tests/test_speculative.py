@@ -339,3 +339,16 @@ def test_draft_not_smaller_warns(tiny_dir):
     with pytest.warns(UserWarning, match="not smaller than the target"):
         Llama.build(str(tiny_dir), max_seq_len=32, max_batch_size=1, device=DEVICE, dtype="float32",
                     speculative=str(tiny_dir))
+
+
+def test_ngram_index_finds_what_a_scan_finds():
+    """NgramIndex (incremental) against lookup (a scan from the end), on growing random histories."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        history, index = [], speculative.NgramIndex()
+        for _ in range(60):
+            history += torch.randint(0, 4, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+            assert index.lookup(history, 5) == speculative.lookup(history, 5), history
+    assert speculative.lookup([7, 1, 2, 3, 9, 1, 2, 3, 8, 5, 1, 2, 3], 2) == [8, 5]  # the latest of two matches
+    assert speculative.lookup([1, 2, 3, 4, 2, 3], 3) == [4, 2, 3]  # 3-gram absent, 2-gram found
+    assert speculative.lookup([1, 2, 3, 4], 3) == []
