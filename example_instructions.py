@@ -20,12 +20,16 @@ def main(
     max_batch_size: int = 8,
     max_gen_len: Optional[int] = None,
     stream: bool = False,
+    speculative: Optional[str] = None,
+    speculative_tokens: Optional[int] = None,
 ):
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        speculative=speculative,
+        speculative_tokens=speculative_tokens,
     )
 
     instructions: List[Dialog] = [

@@ -91,13 +91,16 @@ def smollm2_path() -> Path:
 class Ours:
     name = "this package"
 
-    def __init__(self, ckpt, tokenizer_path, device, dtype, max_seq_len, compile=False, quantize=None):
+    def __init__(self, ckpt, tokenizer_path, device, dtype, max_seq_len, compile=False, quantize=None,
+                 speculative=None):
         """Llama.build on `ckpt` (a checkpoint folder or a .gguf file; tokenizer_path None: its own)."""
         self.device = device
         self.name = f"this package, {quantize or dtype}" + (", compile=True" if compile else "")
+        if speculative:
+            self.name += f", speculative={Path(speculative).name}"
         self.build_s = timed(lambda: setattr(self, "g", Llama.build(
             str(ckpt), tokenizer_path and str(tokenizer_path), max_seq_len, 8, device=str(device), dtype=dtype,
-            compile=compile, quantize=quantize)), device)
+            compile=compile, quantize=quantize, speculative=speculative)), device)
         self.weight_bytes = step_weight_bytes(self.g.model)
 
     def run(self, prompts, n):
@@ -292,6 +295,8 @@ def main():
                         help="also run this package at these precisions (int8/int4: quantize= on --dtype)")
     parser.add_argument("--llama_cpp", metavar="PYTHON", help="a Python with llama-cpp-python: also run llama.cpp "
                         "(F32, BF16, Q8_0, Q4_0 of the same weights; --shape only)")
+    parser.add_argument("--speculative", default=None,
+                        help='also run this package with speculative decoding: "ngram" or a draft checkpoint')
     a = parser.parse_args()
     device = torch.device(a.device)
     torch.manual_seed(0)
@@ -301,17 +306,20 @@ def main():
     if a.model:
         path = smollm2_path()
         variants = build_ours(path, None, device, a.dtype, max_seq_len, a.compile, a.precisions)
+        spec = a.speculative and Ours(path, None, device, a.dtype, max_seq_len, speculative=a.speculative)
         hf = None if "transformers" in a.skip else Transformers.from_gguf(path, device, a.dtype)
         prompt = text_prompts(variants[0].g.tokenizer)
     else:
         ckpt = write_tiny_model(Path(tmp.name) / "model", **SHAPES[a.shape])
         variants = build_ours(ckpt, ckpt / "tokenizer.model", device, a.dtype, max_seq_len, a.compile, a.precisions)
+        spec = a.speculative and Ours(ckpt, ckpt / "tokenizer.model", device, a.dtype, max_seq_len,
+                                      speculative=a.speculative)
         hf = None if "transformers" in a.skip else Transformers.sharing(variants[0])
         prompt = random_prompts(variants[0].g.model.vocab_size)
     ours = variants[0]
     n_params = sum(p.numel() for p in unique_parameters(ours.g.model))
     weight_bytes = ours.weight_bytes
-    systems = variants + ([hf] if hf else [])
+    systems = variants + ([spec] if spec else []) + ([hf] if hf else [])
     if "reference" not in a.skip:
         systems.append(Reference(ours))
 
@@ -392,6 +400,10 @@ def main():
                   for k in ("ragged_s", "decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s")
                   if k in rows[left] and k in rows[right]}
         print(f"{left} vs {right}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    if spec:
+        stats = spec.g.engine.speculative_stats
+        print(f"speculative ({a.speculative}), over all workloads: acceptance rate {stats.acceptance_rate:.2f}, "
+              f"{stats.tokens_per_forward:.2f} tokens per target forward")
     print(f"peak memory: {peak_memory_mb(device):.0f} MB ({'CUDA allocator' if gpu else 'host resident set'})")
     if gpu:
         bw = next((v for k, v in HBM_GBPS.items() if k in gpu), None)

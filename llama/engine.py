@@ -23,6 +23,7 @@ from llama.distributed import check_cuda_room
 from llama.model import Transformer
 from llama.prefix_cache import PrefixCache
 from llama.sampling import SamplingParams
+from llama.speculative import SpeculativeBatch, SpeculativeStats, Speculator
 
 
 @dataclass
@@ -44,14 +45,16 @@ class Engine:
     seeded alike and makes the same calls, so all ranks draw the same tokens."""
 
     def __init__(self, model: Transformer, seed: int = 1, compile: bool = False, prefill_chunk_size: int = 2048,
-                 prefix_cache_mb: float = 0):
+                 prefix_cache_mb: float = 0, speculator: Optional[Speculator] = None):
         """compile: decode with a torch.compile'd step on static caches (llama.decode);
         prefill_chunk_size: prompts go through the model at most this many tokens at a time;
         prefix_cache_mb: keep prompts' keys and values in a prefix cache of this many MiB (per
-        process; 0: none) and reuse them for prompts that start alike (llama.prefix_cache)."""
+        process; 0: none) and reuse them for prompts that start alike (llama.prefix_cache);
+        speculator: decode speculatively (llama.speculative; its verify step runs eagerly)."""
         if not isinstance(prefix_cache_mb, (int, float)) or isinstance(prefix_cache_mb, bool) or prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be a number of MiB >= 0 (0 turns the cache off), not {prefix_cache_mb!r}")
         self.model = model
+        self.speculator = speculator
         self.prefix_cache: Optional[PrefixCache] = None
         self.use_prefix_cache(int(prefix_cache_mb * 2**20))
         self.rng = torch.Generator(device=model.device).manual_seed(seed)
@@ -61,6 +64,11 @@ class Engine:
     @property
     def max_seq_len(self) -> int:
         return self.model.params.max_seq_len
+
+    @property
+    def speculative_stats(self) -> Optional[SpeculativeStats]:
+        """Acceptance rate and tokens per target forward of speculative decoding (None without)."""
+        return None if self.speculator is None else self.speculator.stats
 
     @property
     def max_batch_size(self) -> int:
@@ -120,6 +128,9 @@ class Engine:
 
     def open_batch(self, stop_ids: Sequence[int], logprobs: bool) -> Batch:
         """An empty batch that rows can join (`admit`) and leave (`Batch.drop`) between steps."""
+        if self.speculator is not None:
+            return SpeculativeBatch(self.speculator, self.model, stop_ids, self.rng, logprobs, self.prefill_chunk_size,
+                                    self.prefix_cache)
         return Batch(self.model, self.decoder, stop_ids, self.rng, logprobs, self.prefill_chunk_size,
                      self.prefix_cache)
 

@@ -8,6 +8,8 @@ public `.engine`. Each entry point checks its inputs, formats prompts into token
 
 import sys
 import time
+import warnings
+from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, TypedDict, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -33,6 +35,7 @@ from llama.loading import Placement, load_model, resolve_checkpoint
 from llama.model import Transformer
 from llama.quantization import check_request
 from llama.sampling import SamplingParams
+from llama.speculative import NGRAM, Speculator, check_same_tokenizer, check_speculative_tokens
 from llama.tokenizer import TokenizerProtocol
 from llama.vocabulary import load_tokenizer
 
@@ -81,6 +84,8 @@ class Llama:
         check_weights: bool = False,
         quantize: Optional[str] = None,
         group_size: Optional[int] = None,
+        speculative: Optional[str] = None,
+        speculative_tokens: Optional[int] = None,
     ) -> "Llama":
         """Load a checkpoint in Meta's layout (params.json, consolidated.NN.pth, tokenizer.model),
         Hugging Face's (config.json, model*.safetensors) or llama.cpp's (one .gguf file).
@@ -120,6 +125,12 @@ class Llama:
                 `python -m llama.quantize` declares (it loads quantized, memory-mapped).
             group_size: int4's input columns per scale and zero: 32, 64, 128 or 256 (default: the
                 largest of 128, 64, 32 that divides every projection's input width per process).
+            speculative: speculative decoding (llama.speculative), with the same answers: "ngram"
+                (prompt lookup: proposals copied from the prompt and the answer so far) or a draft
+                checkpoint (a smaller model with this tokenizer, loaded with the same dtype, device,
+                quantize and limits, and sharded like this one under torchrun). None: off.
+            speculative_tokens: tokens proposed per step (>= 1); None: adaptive (grows while
+                proposals are accepted, shrinks when they are not).
         Returns:
             a Llama generator; `.model` is the Transformer, `.tokenizer` the tokenizer, `.engine`
             the Engine that runs prompts on them.
@@ -128,6 +139,7 @@ class Llama:
         check_int("max_batch_size", max_batch_size)
         check_int("prefill_chunk_size", prefill_chunk_size)
         check_request(quantize, group_size)
+        check_speculative(speculative, speculative_tokens)
         ckpt_dir = resolve_checkpoint(ckpt_dir)  # first: a missing folder is named as such; a hub id is fetched
         start = time.time()
         device = distributed.resolve_device(device)
@@ -138,19 +150,25 @@ class Llama:
         model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, placement,
                            show_progress=distributed.is_main_process(), check_weights=check_weights,
                            quantize=quantize, group_size=group_size)
+        speculator = None
+        if speculative is not None:
+            draft = None
+            if speculative != NGRAM:
+                draft = load_draft(speculative, tokenizer, model, placement, check_weights, quantize, group_size)
+            speculator = Speculator(draft, speculative_tokens)
         if distributed.is_main_process():
             print(f"Loaded in {time.time() - start:.2f} seconds", file=sys.stderr)
         return Llama(model, tokenizer, seed=seed, compile=compile, prefill_chunk_size=prefill_chunk_size,
-                     prefix_cache_mb=prefix_cache_mb)
+                     prefix_cache_mb=prefix_cache_mb, speculator=speculator)
 
     def __init__(
         self, model: Transformer, tokenizer: TokenizerProtocol, seed: int = 1, compile: bool = False,
-        prefill_chunk_size: int = 2048, prefix_cache_mb: float = 0,
+        prefill_chunk_size: int = 2048, prefix_cache_mb: float = 0, speculator: Optional[Speculator] = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.engine = Engine(model, seed=seed, compile=compile, prefill_chunk_size=prefill_chunk_size,
-                             prefix_cache_mb=prefix_cache_mb)
+                             prefix_cache_mb=prefix_cache_mb, speculator=speculator)
 
     def generate(
         self,
@@ -307,3 +325,35 @@ class Llama:
             return {"generation": generation}
         pieces = [self.tokenizer.token_piece(t) for t in g.tokens]
         return {"generation": generation, "tokens": pieces, "logprobs": g.logprobs}
+
+
+def check_speculative(speculative, speculative_tokens) -> None:
+    """Raise unless `speculative` is None, "ngram" or an existing draft checkpoint, and
+    speculative_tokens None or an int >= 1."""
+    check_speculative_tokens(speculative_tokens)
+    if speculative is None or speculative == NGRAM:
+        return
+    if not isinstance(speculative, (str, Path)):
+        raise TypeError(f'speculative must be "ngram" or a draft checkpoint folder, not {type(speculative).__name__}')
+    if not Path(speculative).exists():
+        raise FileNotFoundError(f'speculative={str(speculative)!r}: no such draft checkpoint; pass "ngram" (prompt '
+                                "lookup) or the folder (or .gguf file) of a draft model with the target's tokenizer")
+
+
+def load_draft(ckpt_dir: str, tokenizer: TokenizerProtocol, target: Transformer, placement: Placement,
+               check_weights: bool, quantize: Optional[str], group_size: Optional[int]) -> Transformer:
+    """The draft model of speculative decoding, loaded like the target (dtype, device, limits,
+    quantization). Under torchrun it is sharded like the target: each rank loads its slice with the
+    same loader, so it costs 1/MP of the memory, needs no second process group, and its gathered
+    logits are the same on every rank (a replicated draft would need a model built outside the
+    model-parallel group that every parallel layer reads its world size from)."""
+    draft_tokenizer = load_tokenizer(None, str(ckpt_dir))
+    check_same_tokenizer(tokenizer, draft_tokenizer)
+    args = target.params
+    draft = load_model(str(ckpt_dir), tokenizer.n_words, args.max_seq_len, args.max_batch_size, placement,
+                       show_progress=False, check_weights=check_weights, quantize=quantize, group_size=group_size)
+    sizes = [sum(p.numel() for p in m.parameters()) for m in (draft, target)]
+    if sizes[0] >= sizes[1]:
+        warnings.warn(f"the draft model ({sizes[0]:,} parameters per process) is not smaller than the target "
+                      f"({sizes[1]:,}): speculative decoding will be slower than plain decoding")
+    return draft

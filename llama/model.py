@@ -156,7 +156,7 @@ class AttentionPlan:
 
     rows: slice  # the cache rows of the batch's rows
     start: Optional[int]  # every row writes positions start..start+T-1 (None: see `positions`)
-    positions: Optional[torch.Tensor]  # (B,) per-row write position of the single new token
+    positions: Optional[torch.Tensor]  # (B, T) per-row write positions: pos[b] + t
     kv_len: int  # queries attend to cache positions [0, kv_len)
     mask: Union[None, torch.Tensor, CausalBias]  # bool, broadcastable to (B, 1, T, kv_len): True = may attend
     is_causal: bool  # plain causal mask, used when keys are exactly the T new tokens
@@ -166,7 +166,8 @@ def attention_plan(
     start_pos: Union[int, torch.Tensor], seqlen: int, rows: slice, device: torch.device,
     kv_len: Optional[int] = None,
 ) -> AttentionPlan:
-    """kv_len: with per-row positions, 1 + their maximum if the caller knows it (saves a sync)."""
+    """kv_len: with per-row positions, 1 + their largest write position (max(start_pos) + seqlen)
+    if the caller knows it (saves a sync)."""
     if isinstance(start_pos, int):
         kv_len = start_pos + seqlen
         if seqlen == 1:
@@ -176,13 +177,15 @@ def attention_plan(
         # A chunk after cached positions: query t sees keys 0..start_pos+t. The lower-right causal
         # bias lets the flash / memory-efficient kernels apply it without a (T, kv_len) mask.
         return AttentionPlan(rows, start_pos, None, kv_len, causal_lower_right(seqlen, kv_len), False)
-    if seqlen != 1:
-        raise ValueError("per-row positions are only supported for one new token per row")
-    positions = start_pos
+    # Per-row positions: row b's T tokens sit at pos[b]..pos[b]+T-1, and query t of row b sees key
+    # j iff j <= pos[b] + t. The mask depends on positions only, never on what a row wrote before,
+    # so whatever a longer earlier pass left past a row's position (rejected speculative tokens,
+    # padding) is never read: it is overwritten before any query can reach it.
+    positions = start_pos[:, None] + torch.arange(seqlen, device=device)  # (B, T)
     if kv_len is None:
-        kv_len = int(positions.max()) + 1
-    mask = torch.arange(kv_len, device=device) <= positions[:, None]  # (B, kv_len)
-    return AttentionPlan(rows, None, positions, kv_len, mask[:, None, None, :], False)
+        kv_len = int(start_pos.max()) + seqlen
+    mask = torch.arange(kv_len, device=device) <= positions[:, :, None]  # (B, T, kv_len)
+    return AttentionPlan(rows, None, positions, kv_len, mask[:, None], False)
 
 
 class Attention(nn.Module):
@@ -218,9 +221,9 @@ class Attention(nn.Module):
             cache_k[:, :, plan.start : plan.start + seqlen] = k
             cache_v[:, :, plan.start : plan.start + seqlen] = v
         else:
-            batch = torch.arange(bsz, device=x.device)
-            cache_k[batch, :, plan.positions] = k[:, :, 0]
-            cache_v[batch, :, plan.positions] = v[:, :, 0]
+            batch = torch.arange(bsz, device=x.device)[:, None]
+            cache_k[batch, :, plan.positions] = k.transpose(1, 2)  # (B, T, H_kv, D) at (b, positions[b, t])
+            cache_v[batch, :, plan.positions] = v.transpose(1, 2)
         keys = cache_k[:, :, : plan.kv_len]  # (B, H_kv, S, D)
         values = cache_v[:, :, : plan.kv_len]
 
@@ -317,8 +320,8 @@ class Transformer(nn.Module):
         """Final normalised hidden states (B, T, dim) of `tokens`, writing their keys and values
         into the cache, which must already have room (see `reserve_cache`).
 
-        start_pos: an int shared by all rows, or a (B,) tensor of per-row positions (T == 1),
-            then kv_len may give 1 + the largest of them.
+        start_pos: an int shared by all rows, or a (B,) tensor of per-row positions of each row's
+            first token (its T tokens follow it), then kv_len may give max(start_pos) + T.
         rows: the cache rows the batch's rows use (default: the first B)."""
         bsz, seqlen = tokens.shape
         rows = slice(0, bsz) if rows is None else rows
@@ -326,7 +329,7 @@ class Transformer(nn.Module):
         if plan.positions is None:
             positions = torch.arange(plan.start, plan.start + seqlen, device=tokens.device)[None]
         else:
-            positions = plan.positions[:, None]
+            positions = plan.positions
         cos, sin = rotary_cos_sin(positions, self.params.head_dim, self.params.rope_theta)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):

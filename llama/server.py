@@ -40,6 +40,7 @@ from llama.metrics import CONTENT_TYPE, Metrics
 from llama.prefix_cache import default_budget_bytes
 from llama.protocol import APIError
 from llama.serving import QueueFull, Scheduler
+from llama.speculative import UNSUPPORTED, unsupported_field
 
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -197,6 +198,9 @@ def create_app(state: State):
         req.id = rid
         for job in req.jobs:
             job.id = rid
+            field = state.scheduler.engine.speculator and unsupported_field(job.params)
+            if field:
+                raise APIError(400, f"{field}: {UNSUPPORTED}", param=field)
         return req
 
     def loaded() -> None:
@@ -451,6 +455,10 @@ def main(argv=None) -> None:
     parser.add_argument("--prefill_chunk", type=int, default=PREFILL_CHUNK,
                         help="prompt tokens prefilled per decode step while other requests stream "
                              f"(default {PREFILL_CHUNK})")
+    parser.add_argument("--speculative", default=None,
+                        help='speculative decoding: "ngram" (prompt lookup) or a draft checkpoint (see README)')
+    parser.add_argument("--speculative_tokens", type=int, default=None,
+                        help="tokens proposed per step (default: adaptive)")
     a = parser.parse_args(argv)
     if a.prefix_cache_mb is not None and not a.prefix_cache_mb >= 0:
         parser.error(f"--prefix_cache_mb must be >= 0 (0 turns the prefix cache off), not {a.prefix_cache_mb}")
@@ -475,7 +483,8 @@ def main(argv=None) -> None:
         print(f"llama.server: listening on http://{a.host}:{a.port} (loading {a.ckpt_dir})", file=sys.stderr)
     generator = Llama.build(a.ckpt_dir, a.tokenizer_path,
                             a.max_seq_len, a.max_batch_size, dtype=a.dtype, compile=a.compile,
-                            quantize=a.quantize, group_size=a.group_size, prefill_chunk_size=a.prefill_chunk)
+                            quantize=a.quantize, group_size=a.group_size, prefill_chunk_size=a.prefill_chunk,
+                            speculative=a.speculative, speculative_tokens=a.speculative_tokens)
     if a.prefix_cache_mb is None:  # the same on every rank: each holds its shard of the same blocks
         budget = default_budget_bytes(generator.model.new_cache().nbytes(a.max_batch_size, a.max_seq_len))
     else:
