@@ -46,6 +46,7 @@ DRAIN_BYTES = 64 << 20  # an oversized body is read (and dropped) up to this muc
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an X-Request-Id a client may choose
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/completion", "/infill", "/tokenize",
              "/detokenize", "/props", "/health", "/stats", "/metrics")
+QUIET_PATHS = {"/health", "/metrics", "/stats"}  # polled: their successful answers are not logged
 
 
 class State:
@@ -70,7 +71,8 @@ class State:
 class RequestIds:
     """ASGI middleware: every HTTP request gets an id (the client's X-Request-Id if it is a plain
     token, else a new one) in `request.state.request_id` and the X-Request-Id response header, is
-    counted in the metrics by endpoint and status, and gets one log line."""
+    counted in the metrics by endpoint and status, and gets one log line (but the polls of
+    QUIET_PATHS that succeed)."""
 
     def __init__(self, app, state: State):
         self.app, self.state = app, state
@@ -93,6 +95,8 @@ class RequestIds:
             await self.app(scope, receive, send_with_id)
         finally:
             self.state.metrics.request(scope["path"], status[0])
+            if status[0] == 200 and scope["path"] in QUIET_PATHS:
+                return
             print(f"llama.server: request {rid} {scope['method']} {scope['path'][:100]} {status[0]} "
                   f"{time.perf_counter() - start:.3f} s", file=sys.stderr)
 
