@@ -101,6 +101,37 @@ class RequestIds:
                   f"{time.perf_counter() - start:.3f} s", file=sys.stderr)
 
 
+class Watch:
+    """The events of a request's jobs merged into one queue as (job index, event), with the
+    metrics of each finished answer recorded as it finishes."""
+
+    def __init__(self, req: protocol.Request, handles: list, arrived: float, metrics: Metrics):
+        self.req, self.handles, self.arrived, self.metrics = req, handles, arrived, metrics
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.first: List[Optional[float]] = [None] * len(handles)
+        self.tasks = [asyncio.ensure_future(self._forward(i, h)) for i, h in enumerate(handles)]
+
+    async def _forward(self, i: int, handle) -> None:
+        while True:
+            kind, value = await handle.events.get()
+            now = time.perf_counter() - self.arrived
+            if kind == "text" and self.first[i] is None:
+                self.first[i] = now
+            if kind == "done":
+                self.metrics.answer(value.prompt_tokens, value.completion_tokens,
+                                    now if self.first[i] is None else self.first[i], now)
+            await self.queue.put((i, (kind, value)))
+            if kind != "text":
+                return
+
+    def cancel(self) -> None:
+        """The client went away: free the rows still running, stop forwarding."""
+        for h in self.handles:
+            h.cancelled = True
+        for t in self.tasks:
+            t.cancel()
+
+
 def allowed_hosts(host: str, extra: Sequence[str]) -> Optional[Set[str]]:
     """The Host names a server bound to `host` answers: the loopback names for a loopback address,
     plus `extra`; None (any) for a public address bound with no --allowed_hosts."""
@@ -219,7 +250,7 @@ def create_app(state: State):
                 h.cancelled = True
             raise APIError(503, "the server is busy: too many requests are waiting; retry later",
                            type="unavailable_error", code="queue_full") from None
-        watch = Watch(req, handles, arrived)
+        watch = Watch(req, handles, arrived, state.metrics)
         if req.stream:
             return StreamingResponse(events(watch), media_type="text/event-stream")
         results = await wait(request, watch)
@@ -228,36 +259,6 @@ def create_app(state: State):
         if isinstance(results, APIError):
             return error(results)
         return JSONResponse(protocol.completion_response(req, results, state.model_name))
-
-    class Watch:
-        """The events of a request's jobs merged into one queue as (job index, event), with the
-        metrics of each finished answer recorded as it finishes."""
-
-        def __init__(self, req: protocol.Request, handles: list, arrived: float):
-            self.req, self.handles, self.arrived = req, handles, arrived
-            self.queue: asyncio.Queue = asyncio.Queue()
-            self.first: List[Optional[float]] = [None] * len(handles)
-            self.tasks = [asyncio.ensure_future(self._forward(i, h)) for i, h in enumerate(handles)]
-
-        async def _forward(self, i: int, handle) -> None:
-            while True:
-                kind, value = await handle.events.get()
-                now = time.perf_counter() - self.arrived
-                if kind == "text" and self.first[i] is None:
-                    self.first[i] = now
-                if kind == "done":
-                    state.metrics.answer(value.prompt_tokens, value.completion_tokens,
-                                         now if self.first[i] is None else self.first[i], now)
-                await self.queue.put((i, (kind, value)))
-                if kind != "text":
-                    return
-
-        def cancel(self) -> None:
-            """The client went away: free the rows still running, stop forwarding."""
-            for h in self.handles:
-                h.cancelled = True
-            for t in self.tasks:
-                t.cancel()
 
     async def disconnected(request) -> None:
         """Returns when the client hangs up (the body has been read: the next message says so)."""
