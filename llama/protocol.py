@@ -362,6 +362,8 @@ def parse_infill(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int, serv
     """POST /infill (llama.cpp): input_prefix, input_suffix, input_extra chunks before the prefix,
     and `prompt`, the start of the middle."""
     req = validate(InfillRequest, body)
+    if served:
+        check_model(req.model, list(served))
     chunks = []
     for i, chunk in enumerate(req.input_extra):
         if not isinstance(chunk.get("text", ""), str):
@@ -383,6 +385,8 @@ def parse_llama_completion(body: Any, tokenizer: TokenizerProtocol, max_seq_len:
                            served: List[str] = ()) -> Request:
     """POST /completion (llama.cpp): a prompt as text (BOS added as the model wants) or token ids."""
     req = validate(LlamaCppCompletionRequest, body)
+    if served:
+        check_model(req.model, list(served))
     if isinstance(req.prompt, list):
         tokens = check_token_ids(req.prompt, tokenizer.n_words, "prompt")
     else:

@@ -393,6 +393,7 @@ def test_cors_is_off_unless_origins_are_given():
     ("/completion", {"prompt": [], "n_predict": 2}, 400, "prompt"),
     ("/completion", {"prompt": "x", "n_probs": -1}, 400, "n_probs"),
     ("/completion", {"prompt": "x", "seed": "1"}, 400, "seed"),
+    ("/completion", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/infill", {"input_prefix": "x", "n_probs": 99}, 400, "n_probs"),
     ("/tokenize", {"content": 5}, 400, "content"),
     ("/detokenize", {"tokens": [10**7]}, 400, "tokens"),
