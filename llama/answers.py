@@ -81,7 +81,8 @@ class Answer:
             self.text, "length" if stop_type == "limit" else "stop", self.prompt_tokens, self.tokens,
             stop_type, word, [self.pieces[i] for i in kept], [self.token_logprobs[i] for i in kept],
             [self.offsets[i] for i in kept], [self.ids[i] for i in kept],
-            [[(self.piece(t), lp) for t, lp in self.tops[i]] for i in kept], [[t for t, _ in self.tops[i]] for i in kept],
+            [[(self.piece(t), lp) for t, lp in self.tops[i]] for i in kept],
+            [[t for t, _ in self.tops[i]] for i in kept],
         )
 
     def _first_stop(self) -> Tuple[int, str]:

@@ -358,7 +358,7 @@ class Batch:
                 self.fed[key] += tokens
         updates, done = [], set()
         for a, key in enumerate(self.rows.keys):
-            n_top = self.rows.tops[a]
+            n_top = self.rows.tops[a] if top_ids is not None else 0
             u = RowUpdate(key, [], [], top_logprobs=[] if n_top else None)
             for s, (t, lp) in enumerate(zip(new[a], new_lp[a] or [None] * len(new[a]))):
                 if t in self.stop:

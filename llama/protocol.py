@@ -6,10 +6,11 @@ be tested on its own.
 """
 
 import json
+import math
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
 from pydantic import ValidationError
@@ -76,6 +77,8 @@ class Request:
     jobs: List[Job]
     stream: bool = False
     include_usage: bool = False  # streams end with a usage chunk (stream_options.include_usage)
+    keep: int = 0  # best_of: each prompt's jobs are candidates, of which this many best are answered
+    show_logprobs: bool = True  # False: candidates made log-probabilities only to be ranked
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -219,8 +222,9 @@ def check_token_ids(tokens: List[int], vocab: int, param: str) -> List[int]:
 def _openai_common(req, prompts: int) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
-    if req.n * prompts > MAX_CHOICES:
-        raise APIError(400, f"this request asks for {req.n * prompts} choices (prompts times n); at most "
+    rows = max(req.n, getattr(req, "best_of", None) or 0) * prompts
+    if rows > MAX_CHOICES:
+        raise APIError(400, f"this request asks for {rows} choices (prompts times n or best_of); at most "
                             f"{MAX_CHOICES} per request", param="n")
 
 
@@ -263,12 +267,16 @@ def parse_completion(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int, 
     prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
         else [req.prompt]
     _openai_common(req, len(prompts))
-    if req.best_of is not None and req.best_of != req.n:
-        raise APIError(400, f"'best_of' must equal n ({req.n}) on this server, got {req.best_of}: ask for n choices "
-                            "and pick among them", param="best_of")
+    best = req.best_of or req.n
+    if best < req.n:
+        raise APIError(400, f"'best_of' ({best}) must be at least n ({req.n})", param="best_of")
+    if best > req.n and req.stream:
+        raise APIError(400, "'best_of' larger than n cannot be streamed (as OpenAI); ask without stream",
+                       param="best_of")
     if req.suffix is not None and (len(prompts) > 1 or not isinstance(prompts[0], str)):
         raise APIError(400, "'suffix' takes one text prompt, not a list or token ids", param="suffix")
-    out = Request("completions", [], req.stream, bool(req.stream_options and req.stream_options.include_usage))
+    out = Request("completions", [], req.stream, bool(req.stream_options and req.stream_options.include_usage),
+                  keep=req.n if best > req.n else 0, show_logprobs=req.logprobs is not None)
     stops, vocab = _stop(req.stop), tokenizer.n_words
     for p, prompt in enumerate(prompts):
         infill, echo = False, prompt
@@ -283,12 +291,12 @@ def parse_completion(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int, 
             else:
                 tokens = completion_prompt_tokens(tokenizer, prompt)
         _prompt_room(tokens, max_seq_len, "prompt")
-        for c in range(req.n):
-            index = p * req.n + c
-            params = sampling_params(req, 1.0, 1.0, req.max_tokens, req.logprobs is not None, req.logprobs or 0,
-                                     req.logit_bias, vocab, req.repetition_penalty, choice_seed(req.seed, c))
+        for c in range(best):  # best_of > n: candidates, ranked by their log-probabilities
+            params = sampling_params(req, 1.0, 1.0, req.max_tokens, req.logprobs is not None or best > req.n,
+                                     req.logprobs or 0, req.logit_bias, vocab, req.repetition_penalty,
+                                     choice_seed(req.seed, c))
             out.jobs.append(Job("completions", tokens, params, stops, req.stream, echo if req.echo else "", infill,
-                                index=index, id=out.id, n=req.n))
+                                index=p * best + c, id=out.id, n=best))
     return out
 
 
@@ -354,6 +362,8 @@ def parse_infill(body: Any, tokenizer: TokenizerProtocol, max_seq_len: int, serv
     """POST /infill (llama.cpp): input_prefix, input_suffix, input_extra chunks before the prefix,
     and `prompt`, the start of the middle."""
     req = validate(InfillRequest, body)
+    if served:
+        check_model(req.model, list(served))
     chunks = []
     for i, chunk in enumerate(req.input_extra):
         if not isinstance(chunk.get("text", ""), str):
@@ -375,6 +385,8 @@ def parse_llama_completion(body: Any, tokenizer: TokenizerProtocol, max_seq_len:
                            served: List[str] = ()) -> Request:
     """POST /completion (llama.cpp): a prompt as text (BOS added as the model wants) or token ids."""
     req = validate(LlamaCppCompletionRequest, body)
+    if served:
+        check_model(req.model, list(served))
     if isinstance(req.prompt, list):
         tokens = check_token_ids(req.prompt, tokenizer.n_words, "prompt")
     else:
@@ -455,8 +467,25 @@ def completion_response(request: Request, results: List[Result], model: str) -> 
         return _llama_cpp_answer(request.jobs[0], results[0], model)
     kind = "chat.completion" if request.api == "chat" else "text_completion"
     prefix = "chatcmpl" if request.api == "chat" else "cmpl"
+    chosen = _best(request, results) if request.keep else list(zip(request.jobs, results))
+    choices = [_choice(j, r) for j, r in chosen]
+    if not request.show_logprobs:
+        for c in choices:
+            c["logprobs"] = None
     return {"id": f"{prefix}-{request.id}", "object": kind, "created": request.created, "model": model,
-            "choices": [_choice(j, r) for j, r in zip(request.jobs, results)], "usage": request.usage(results)}
+            "choices": choices, "usage": request.usage(results)}
+
+
+def _best(request: Request, results: List[Result]) -> List[tuple]:
+    """best_of: of each prompt's candidates, the `keep` of the highest mean token log-probability
+    (an empty answer ranks last), re-indexed as choices; ties keep the candidates' order."""
+    best, chosen = request.jobs[0].n, []
+    for start in range(0, len(request.jobs), best):
+        group = list(zip(request.jobs[start : start + best], results[start : start + best]))
+        group.sort(key=lambda jr: -sum(jr[1].logprobs) / len(jr[1].logprobs) if jr[1].logprobs else math.inf)
+        for j, (job, r) in enumerate(group[: request.keep]):
+            chosen.append((replace(job, index=start // best * request.keep + j), r))
+    return chosen
 
 
 def stream_chunk(request: Request, job: Job, model: str, text: str, finish: Optional[Result] = None,

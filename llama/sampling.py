@@ -49,7 +49,7 @@ class SamplingParams:
     top_p: float = 0.9  # nucleus: sample from the most likely tokens whose probabilities add up to top_p
     max_gen_len: Optional[int] = None  # new tokens at most; None: as many as max_seq_len leaves
     logprobs: bool = False  # also report each new token's log-probability
-    top_logprobs: int = 0  # and the log-probabilities of this many most likely tokens (logprobs implied)
+    top_logprobs: int = 0  # and the log-probabilities of this many most likely tokens (needs logprobs)
     seed: Optional[int] = None  # draw from a generator of this seed, this row's alone
     top_k: int = 0  # sample among the k most likely tokens only; 0: all
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
@@ -64,6 +64,8 @@ class SamplingParams:
         check_temperature(self.temperature)
         check_top_p(self.top_p)
         check_int("top_logprobs", self.top_logprobs, minimum=0)
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
         check_int("top_k", self.top_k, minimum=0)
         if self.seed is not None:
             check_int("seed", self.seed, minimum=-(2**63))

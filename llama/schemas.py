@@ -93,7 +93,7 @@ class CompletionRequest(OpenAISampling):
     max_tokens: Optional[int] = Field(16, ge=0)
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
-    best_of: Optional[int] = Field(None, ge=1)
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_N)  # candidates per prompt; the n best are answered
 
 
 class ChatRequest(OpenAISampling):

@@ -49,6 +49,7 @@ DRAIN_BYTES = 64 << 20  # an oversized body is read (and dropped) up to this muc
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an X-Request-Id a client may choose
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/completion", "/infill", "/tokenize",
              "/detokenize", "/props", "/health", "/stats", "/metrics")
+QUIET_PATHS = {"/health", "/metrics", "/stats"}  # polled: their successful answers are not logged
 
 
 class State:
@@ -73,7 +74,8 @@ class State:
 class RequestIds:
     """ASGI middleware: every HTTP request gets an id (the client's X-Request-Id if it is a plain
     token, else a new one) in `request.state.request_id` and the X-Request-Id response header, is
-    counted in the metrics by endpoint and status, and gets one log line."""
+    counted in the metrics by endpoint and status, and gets one log line (but the polls of
+    QUIET_PATHS that succeed)."""
 
     def __init__(self, app, state: State):
         self.app, self.state = app, state
@@ -96,8 +98,41 @@ class RequestIds:
             await self.app(scope, receive, send_with_id)
         finally:
             self.state.metrics.request(scope["path"], status[0])
+            if status[0] == 200 and scope["path"] in QUIET_PATHS:
+                return
             print(f"llama.server: request {rid} {scope['method']} {scope['path'][:100]} {status[0]} "
                   f"{time.perf_counter() - start:.3f} s", file=sys.stderr)
+
+
+class Watch:
+    """The events of a request's jobs merged into one queue as (job index, event), with the
+    metrics of each finished answer recorded as it finishes."""
+
+    def __init__(self, req: protocol.Request, handles: list, arrived: float, metrics: Metrics):
+        self.req, self.handles, self.arrived, self.metrics = req, handles, arrived, metrics
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.first: List[Optional[float]] = [None] * len(handles)
+        self.tasks = [asyncio.ensure_future(self._forward(i, h)) for i, h in enumerate(handles)]
+
+    async def _forward(self, i: int, handle) -> None:
+        while True:
+            kind, value = await handle.events.get()
+            now = time.perf_counter() - self.arrived
+            if kind == "text" and self.first[i] is None:
+                self.first[i] = now
+            if kind == "done":
+                self.metrics.answer(value.prompt_tokens, value.completion_tokens,
+                                    now if self.first[i] is None else self.first[i], now)
+            await self.queue.put((i, (kind, value)))
+            if kind != "text":
+                return
+
+    def cancel(self) -> None:
+        """The client went away: free the rows still running, stop forwarding."""
+        for h in self.handles:
+            h.cancelled = True
+        for t in self.tasks:
+            t.cancel()
 
 
 def allowed_hosts(host: str, extra: Sequence[str]) -> Optional[Set[str]]:
@@ -221,7 +256,7 @@ def create_app(state: State):
                 h.cancelled = True
             raise APIError(503, "the server is busy: too many requests are waiting; retry later",
                            type="unavailable_error", code="queue_full") from None
-        watch = Watch(req, handles, arrived)
+        watch = Watch(req, handles, arrived, state.metrics)
         if req.stream:
             return StreamingResponse(events(watch), media_type="text/event-stream")
         results = await wait(request, watch)
@@ -230,36 +265,6 @@ def create_app(state: State):
         if isinstance(results, APIError):
             return error(results)
         return JSONResponse(protocol.completion_response(req, results, state.model_name))
-
-    class Watch:
-        """The events of a request's jobs merged into one queue as (job index, event), with the
-        metrics of each finished answer recorded as it finishes."""
-
-        def __init__(self, req: protocol.Request, handles: list, arrived: float):
-            self.req, self.handles, self.arrived = req, handles, arrived
-            self.queue: asyncio.Queue = asyncio.Queue()
-            self.first: List[Optional[float]] = [None] * len(handles)
-            self.tasks = [asyncio.ensure_future(self._forward(i, h)) for i, h in enumerate(handles)]
-
-        async def _forward(self, i: int, handle) -> None:
-            while True:
-                kind, value = await handle.events.get()
-                now = time.perf_counter() - self.arrived
-                if kind == "text" and self.first[i] is None:
-                    self.first[i] = now
-                if kind == "done":
-                    state.metrics.answer(value.prompt_tokens, value.completion_tokens,
-                                         now if self.first[i] is None else self.first[i], now)
-                await self.queue.put((i, (kind, value)))
-                if kind != "text":
-                    return
-
-        def cancel(self) -> None:
-            """The client went away: free the rows still running, stop forwarding."""
-            for h in self.handles:
-                h.cancelled = True
-            for t in self.tasks:
-                t.cancel()
 
     async def disconnected(request) -> None:
         """Returns when the client hangs up (the body has been read: the next message says so)."""

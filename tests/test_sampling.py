@@ -13,7 +13,8 @@ from llama.sampling import SamplingParams, process_logits, row_generator, sample
     ({"top_logprobs": -1}, "top_logprobs"), ({"top_k": -1}, "top_k"), ({"min_p": 1.5}, "min_p"),
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"), ({"seed": 1.5}, "seed"),
-    ({"logit_bias": ((5, 200.0),)}, "logit_bias"), ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"logit_bias": ((5, 200.0),)}, "logit_bias"),
+    ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
 ])
 def test_new_fields_are_checked(kwargs, word):
     with pytest.raises(ValueError, match=word):

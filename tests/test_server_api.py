@@ -194,6 +194,22 @@ def test_seeded_choices_under_model_parallelism(tiny_mp2_dir, server):
     assert got == want and want[0] != want[1]
 
 
+def test_best_of_answers_the_likeliest_candidates(server):
+    """best_of=3, n=1 with a seed draws the same three candidates as n=3 with that seed, and
+    answers the one of the highest mean token log-probability."""
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 1, "seed": 5}
+    three = post(server, "/v1/completions", {**body, "n": 3, "logprobs": 0}).json()["choices"]
+    means = [sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"]) for c in three]
+    r = post(server, "/v1/completions", {**body, "best_of": 3}).json()
+    assert [c["index"] for c in r["choices"]] == [0] and r["choices"][0]["logprobs"] is None
+    assert r["choices"][0]["text"] == three[means.index(max(means))]["text"]
+    assert len(set(c["text"] for c in three)) > 1
+    two = post(server, "/v1/completions", {**body, "best_of": 3, "n": 2, "logprobs": 1}).json()["choices"]
+    order = sorted(range(3), key=lambda i: -means[i])
+    assert [c["text"] for c in two] == [three[i]["text"] for i in order[:2]]
+    assert two[0]["logprobs"]["token_logprobs"] == three[order[0]]["logprobs"]["token_logprobs"]
+
+
 def test_token_and_list_prompts_in_openai_order(server, generator):
     tok = generator.tokenizer
     prompts = ["import os", "class Stack:"]
@@ -360,7 +376,8 @@ def test_cors_is_off_unless_origins_are_given():
     ("/v1/completions", {"prompt": [1, -3]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"messages": DIALOG, "model": "gpt-4"}, 404, "model"),
-    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "best_of": 1, "n": 2}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3, "stream": True}, 400, "best_of"),
     ("/v1/completions", {"prompt": [1, 5], "suffix": "y"}, 400, "suffix"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
@@ -376,6 +393,7 @@ def test_cors_is_off_unless_origins_are_given():
     ("/completion", {"prompt": [], "n_predict": 2}, 400, "prompt"),
     ("/completion", {"prompt": "x", "n_probs": -1}, 400, "n_probs"),
     ("/completion", {"prompt": "x", "seed": "1"}, 400, "seed"),
+    ("/completion", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/infill", {"input_prefix": "x", "n_probs": 99}, 400, "n_probs"),
     ("/tokenize", {"content": 5}, 400, "content"),
     ("/detokenize", {"tokens": [10**7]}, 400, "tokens"),
