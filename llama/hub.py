@@ -33,6 +33,8 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "chat_template.jinja", "generation_config.json")
 CONFIG_FILES = ("params.json", "config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 INSTALL = "pip install 'codellama[hub]'"
+# A missing "folder/consolidated.00.pth" is a mistyped local path, not a repository of that name.
+FILE_SUFFIXES = (".pth", ".json", ".model", ".safetensors", ".bin", ".gguf", ".chk")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def parse(ckpt_dir: str) -> Optional[HubId]:
     if Path(ckpt_dir).expanduser().exists() or ckpt_dir.startswith((".", "/", "~")) or "\\" in ckpt_dir:
         return None
     m = HUB_ID.fullmatch(ckpt_dir)
-    if m is None or "--" in m["repo"] or ".." in m["repo"] or m["repo"].endswith((".git", ".")):
+    if m is None or "--" in m["repo"] or ".." in m["repo"] or m["repo"].endswith((".git", ".") + FILE_SUFFIXES):
         return None
     return HubId(m["repo"], m["file"], m["revision"])
 

@@ -91,7 +91,8 @@ def test_convert_cli_both_ways(tiny_dir, tmp_path):
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert {p.name for p in (tmp_path / "hf").iterdir()} == {
-        "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json", "tokenizer.model"}
+        "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json", "tokenizer.model",
+        "tokenizer.json", "tokenizer_config.json", "generation_config.json"}
     run = subprocess.run([sys.executable, "-m", "llama.convert", "to-meta", tmp_path / "hf", tmp_path / "meta", "--mp", "2"],
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -109,7 +109,8 @@ def test_hub_id_shapes(tmp_path, monkeypatch):
     assert hub.parse("codellama/CodeLlama-7b-hf") == hub.HubId("codellama/CodeLlama-7b-hf")
     assert hub.parse("codellama/CodeLlama-7b-hf@refs/pr/1") == hub.HubId("codellama/CodeLlama-7b-hf", None, "refs/pr/1")
     assert hub.parse("TheBloke/X-GGUF/x.Q4_K_M.gguf@main") == hub.HubId("TheBloke/X-GGUF", "x.Q4_K_M.gguf", "main")
-    for local in ("CodeLlama-7b", "CodeLlama-7b/", "./a/b", "/abs/a", "~/a", "a/b/c", "a--b/c", "a/b/c.pth", "a\\b"):
+    for local in ("CodeLlama-7b", "CodeLlama-7b/", "./a/b", "/abs/a", "~/a", "a/b/c", "a--b/c", "a/b/c.pth", "a\\b",
+                  "CodeLlama-7b/consolidated.00.pth", "CodeLlama-7b/params.json", "x/model.gguf"):
         assert hub.parse(local) is None, local
     (tmp_path / "owner" / "name").mkdir(parents=True)
     assert hub.parse("owner/name") is None  # an existing folder is always local
