@@ -20,6 +20,7 @@ from llama.files import read_json
 from llama.hf import read_config
 from llama.loading import model_args
 from llama.model import ModelArgs
+from llama.prefix_cache import default_budget_bytes
 from llama.quantization import (
     GROUP_SIZES,
     MODES,
@@ -103,6 +104,8 @@ def main(argv=None) -> None:
     print(f"  KV cache  {est['kv_cache'] / GiB:8.2f} GiB  (grows with the requests; this is the most they can need)")
     print(f"  working   {est['working'] / GiB:8.2f} GiB  (a prefill chunk's activations and logits, roughly)")
     print(f"  total     {total / GiB:8.2f} GiB")
+    print(f"  + prefix cache {default_budget_bytes(est['kv_cache']) / GiB:.2f} GiB as llama.server keeps by default "
+          "(--prefix_cache_mb; the library keeps none unless asked)")
     if torch.cuda.is_available():
         capacity = torch.cuda.get_device_properties(0).total_memory
         verdict = "fits" if total < 0.95 * capacity else "does NOT fit"

@@ -376,6 +376,7 @@ def create_app(state: State):
         return JSONResponse({"requests": s.stats.requests, "largest_batch": s.stats.largest_batch,
                              "steps_by_batch_size": s.stats.steps_by_rows, "cancelled": s.stats.cancelled,
                              "queued": s.queue.qsize(), "running": s.running,
+                             "prefill_chunks": s.stats.prefill_chunks,
                              "prefix_cache": s.engine.prefix_cache.stats() if s.engine.prefix_cache else None})
 
     async def http_error(request, exc: HTTPException):

@@ -69,6 +69,7 @@ class Stats:
     requests: int = 0
     steps_by_rows: Dict[int, int] = field(default_factory=dict)  # decode steps run with that many rows
     cancelled: int = 0
+    prefill_chunks: int = 0  # chunks of long prompts prefilled beside the batch (StagedPrefill.step)
 
     @property
     def largest_batch(self) -> int:
@@ -223,6 +224,7 @@ class Scheduler:
                 self.staged = None
             else:
                 staged.step()
+                self.stats.prefill_chunks += 1
         if join:
             self._join(batch, join, prefixes)
         if stage is not None:
@@ -232,6 +234,7 @@ class Scheduler:
                 self._join(batch, [stage], [staged])
             else:
                 staged.step()
+                self.stats.prefill_chunks += 1
                 self.staged = (key, job, staged)
 
     def _answer(self, job: Job) -> Answer:

@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -250,18 +251,30 @@ def expected(generator, prompt, n):
 
 
 def ask_all(port, prompts, n=10):
+    """Streamed answers, the first request decoding before the others are sent (so that they join
+    a running batch: long prompts in chunks)."""
     c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    started = threading.Event()
 
-    def ask(p):  # streamed, as an editor asks
-        chunks = c.completions.create(model="m", prompt=p, max_tokens=n, temperature=0, stream=True)
-        return "".join(ch.choices[0].text for ch in chunks)
+    def ask(p, first=False):  # streamed, as an editor asks
+        text = []
+        for ch in c.completions.create(model="m", prompt=p, max_tokens=n if not first else 120, temperature=0,
+                                       stream=True, stop=None):
+            started.set()
+            text.append(ch.choices[0].text)
+        started.set()
+        return "".join(text)
 
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        return list(pool.map(ask, prompts))
+    with ThreadPoolExecutor(len(prompts) + 1) as pool:
+        first = pool.submit(ask, "import os", True)
+        started.wait(60)
+        answers = list(pool.map(ask, prompts))
+        first.result()
+    return answers
 
 
-def prefix_stats(port):
-    return httpx.get(f"http://127.0.0.1:{port}/stats").json()["prefix_cache"]
+def prefix_stats(port, name="prefix_cache"):
+    return httpx.get(f"http://127.0.0.1:{port}/stats").json()[name]
 
 
 @pytest.mark.parametrize("flags", [["--prefix_cache_mb", 1, "--prefill_chunk", 8],
@@ -275,6 +288,7 @@ def test_server_answers_equal_with_prefix_cache_and_chunked_prefill(tiny_dir, ge
         want = [expected(generator, p, 10) for p in prompts]
         assert ask_all(port, prompts) == want
         assert ask_all(port, prompts[::-1]) == want[::-1]  # again: the prefixes are cached now
+        assert prefix_stats(port, "prefill_chunks") > 0, "long prompts were prefilled in chunks beside the batch"
         pc = prefix_stats(port)
         if flags[1] == 0:
             assert pc is None
@@ -301,6 +315,9 @@ def test_server_refuses_a_negative_budget(tiny_dir):
     r = subprocess.run(server_cmd(tiny_dir, free_port(), "--prefix_cache_mb", -1), capture_output=True, text=True,
                        timeout=60)
     assert r.returncode != 0 and "--prefix_cache_mb must be >= 0" in r.stderr
+    r = subprocess.run(server_cmd(tiny_dir, free_port(), "--prefill_chunk", 0), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "--prefill_chunk must be a positive number" in r.stderr
 
 
 def test_model_parallel_server_with_prefix_cache_and_chunks(tiny_mp2_dir, generator):
@@ -315,7 +332,7 @@ def test_model_parallel_server_with_prefix_cache_and_chunks(tiny_mp2_dir, genera
         want = [expected(generator, p, 10) for p in prompts]
         assert ask_all(port, prompts) == want
         assert ask_all(port, prompts[::-1]) == want[::-1]
-        assert prefix_stats(port)["hit_tokens"] > 0
+        assert prefix_stats(port)["hit_tokens"] > 0 and prefix_stats(port, "prefill_chunks") > 0
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
