@@ -270,7 +270,7 @@ def sampling_generators(tiny_dir, near_draft_dir):
     def big(**kw):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the near draft is as large as the target
-                return Llama.build(str(tiny_dir), max_seq_len=64, max_batch_size=64, device=DEVICE, dtype="float32",
+            return Llama.build(str(tiny_dir), max_seq_len=64, max_batch_size=64, device=DEVICE, dtype="float32",
                                **kw)
 
     return {"plain": big(), "ngram": big(speculative="ngram"), "draft": big(speculative=str(near_draft_dir))}
