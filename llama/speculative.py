@@ -390,7 +390,7 @@ class SpeculativeBatch(Batch):
         if self.logprobs:
             lps = torch.log_softmax(logits, dim=-1).gather(-1, made[..., None])[..., 0].tolist()
         accepted, made = accepted.tolist(), made.tolist()
-        if isinstance(self.proposer, DraftProposer):
+        if width and isinstance(self.proposer, DraftProposer):  # width 0: the draft fed nothing
             self.proposer.accepted(keys, last, accepted, width)
         done = []
         for a, key in enumerate(list(keys)):

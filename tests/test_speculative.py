@@ -95,12 +95,12 @@ def test_speculation_happens(generator, speculators):
     """The comparisons above are not vacuous: tokens were proposed and accepted, several per forward."""
     for name in NAMES:
         speculators[name].engine.speculative_stats.reset()
-        speculators[name].text_completion(PROMPTS, temperature=0, max_gen_len=40)
+        speculators[name].text_completion(PROMPTS[:4], temperature=0, max_gen_len=25)
     stats = {n: speculators[n].engine.speculative_stats for n in NAMES}
     assert stats["self_k5"].acceptance_rate == 1.0
     assert stats["self_k5"].tokens_per_forward > 4
-    assert stats["ngram"].proposed > 20 and stats["ngram"].accepted > 0
-    assert stats["draft"].proposed > 20 and stats["draft"].acceptance_rate < 1
+    assert stats["ngram"].proposed > 10 and stats["ngram"].accepted > 0
+    assert stats["draft"].proposed > 10 and stats["draft"].acceptance_rate < 1
     assert generator.engine.speculative_stats is None
 
 
@@ -268,7 +268,10 @@ def samples(generator) -> Counter:
 @pytest.fixture(scope="module")
 def sampling_generators(tiny_dir, near_draft_dir):
     def big(**kw):
-        return Llama.build(str(tiny_dir), max_seq_len=64, max_batch_size=64, device=DEVICE, dtype="float32", **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the near draft is as large as the target
+            return Llama.build(str(tiny_dir), max_seq_len=64, max_batch_size=64, device=DEVICE, dtype="float32",
+                               **kw)
 
     return {"plain": big(), "ngram": big(speculative="ngram"), "draft": big(speculative=str(near_draft_dir))}
 
