@@ -7,8 +7,8 @@ Each server has its own registry (no process-wide state). Metric names start wit
 - llama_prompt_tokens_total, llama_generation_tokens_total: tokens of finished answers
 - llama_time_to_first_token_seconds: from a request's arrival to its first answer text
 - llama_time_per_output_token_seconds: a finished answer's time after its first text, per later token
-- llama_prefix_cache_hit_ratio: share of prompt tokens served from the prefix cache (the scheduler sets it)
-- llama_kv_blocks_in_use: KV-cache blocks holding tokens (the scheduler sets it)
+- llama_prefix_cache_hit_ratio: share of prompt tokens looked up that the prefix cache served (server.main wires it)
+- llama_kv_blocks_in_use: prefix-cache blocks holding tokens (server.main wires it)
 """
 
 from typing import Callable, Iterable

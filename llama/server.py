@@ -506,7 +506,11 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     state.tokenizer, state.max_seq_len = generator.tokenizer, a.max_seq_len
-    scheduler.metrics = state.metrics  # its prefix_cache_hit_ratio and kv_blocks_in_use are the scheduler's to set
+    scheduler.metrics = state.metrics
+    cache = generator.engine.prefix_cache
+    if cache is not None and state.metrics is not None:  # read when /metrics is scraped
+        state.metrics.prefix_cache_hit_ratio.set_function(lambda: cache.hit_tokens / max(cache.lookup_tokens, 1))
+        state.metrics.kv_blocks_in_use.set_function(lambda: cache.blocks)
     state.scheduler = scheduler
     if rank == 0:
         print("llama.server: ready", file=sys.stderr)

@@ -336,6 +336,18 @@ def test_metrics_move_as_requests_are_served(server, generator):
         assert (name, ()) in after, name
 
 
+def test_prefix_cache_gauges_follow_the_cache(server):
+    """The same long prompt twice: the second is served from the prefix cache, and /metrics says
+    so (blocks held; the hit ratio equals /stats' hit tokens over looked-up tokens)."""
+    prompt = "def add(a, b):\n    return a + b\n" * 8  # several 16-token blocks
+    for _ in range(2):
+        post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "temperature": 0})
+    after = metrics(server)
+    stats = httpx.get(f"{server.url}/stats", headers=AUTH).json()["prefix_cache"]
+    assert stats["hit_tokens"] > 0 and after[("llama_kv_blocks_in_use", ())] == stats["blocks"] > 0
+    assert after[("llama_prefix_cache_hit_ratio", ())] == pytest.approx(stats["hit_tokens"] / stats["lookup_tokens"])
+
+
 def test_request_id_header_and_log(server):
     r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1})
     rid = r.headers["x-request-id"]
