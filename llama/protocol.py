@@ -157,9 +157,9 @@ def validate(model: type, body: Any) -> Any:
 
 
 def check_model(requested: Optional[str], served: List[str]) -> None:
-    """A 404 (OpenAI's model_not_found) unless `requested` is None or names a served model: its
-    whole name, or any part of it, ignoring case ("codellama" for "CodeLlama-7b-Instruct-hf")."""
-    if requested is None or any(requested.lower() in name.lower() for name in served):
+    """A 404 (OpenAI's model_not_found) unless `requested` is None or one of the `served` names
+    (the server's --served_model_name, by default the checkpoint's folder name and ckpt_dir as given)."""
+    if requested is None or requested in served:
         return
     raise APIError(404, f"The model '{requested}' does not exist; this server serves {', '.join(served)} "
                         "(GET /v1/models)", param="model", code="model_not_found")

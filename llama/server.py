@@ -60,8 +60,9 @@ class State:
 
     def __init__(self, model_name: str, api_key: Optional[str], allowed_hosts: Optional[Set[str]] = None,
                  max_body_bytes: int = 1 << 20, debug: bool = False, cors_origins: Sequence[str] = (),
-                 max_seq_len: int = 0, max_batch_size: int = 0):
+                 max_seq_len: int = 0, max_batch_size: int = 0, aliases: Sequence[str] = ()):
         self.model_name, self.api_key, self.allowed_hosts = model_name, api_key, allowed_hosts
+        self.served_names = [model_name] + [a for a in aliases if a != model_name]  # what `model` may say
         self.max_body_bytes, self.debug, self.cors_origins = max_body_bytes, debug, list(cors_origins)
         self.scheduler = None
         self.tokenizer = None
@@ -229,7 +230,7 @@ def create_app(state: State):
 
     def request_of(raw: bytes, parse: Callable, rid: str) -> protocol.Request:
         """Decode, check and tokenize a request (CPU work: run off the event loop)."""
-        req = parse(protocol.parse_json_body(raw), state.tokenizer, state.max_seq_len, [state.model_name])
+        req = parse(protocol.parse_json_body(raw), state.tokenizer, state.max_seq_len, state.served_names)
         req.id = rid
         for job in req.jobs:
             job.id = rid
@@ -450,6 +451,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cors_origins", nargs="*", default=[],
                         help="origins whose browser pages may call the server (CORS), e.g. http://localhost:3000 "
                              "or '*'; default: none")
+    parser.add_argument("--served_model_name", nargs="+", default=None, metavar="NAME",
+                        help="the names a request's `model` may give, the first one reported by /v1/models "
+                             "(default: the checkpoint's folder name, and --ckpt_dir as given); others get 404")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--compile", action="store_true", help="compile the decode step (see README)")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
@@ -481,8 +485,9 @@ def main(argv=None) -> None:
                  "both unset to serve without one")
     max_mb = a.max_request_mb if a.max_request_mb is not None else max(1.0, a.max_seq_len * 64 / 2**20)
     rank = int(os.environ.get("RANK", 0))
-    state = State(Path(a.ckpt_dir).resolve().name, a.api_key, allowed_hosts(a.host, a.allowed_hosts),
-                  int(max_mb * 2**20), a.debug, a.cors_origins, a.max_seq_len, a.max_batch_size)
+    names = a.served_model_name or [Path(a.ckpt_dir).resolve().name, a.ckpt_dir]
+    state = State(names[0], a.api_key, allowed_hosts(a.host, a.allowed_hosts), int(max_mb * 2**20), a.debug,
+                  a.cors_origins, a.max_seq_len, a.max_batch_size, aliases=names[1:])
     server = thread = None
     if rank == 0:
         server, thread = start_http(create_app(state), a.host, a.port)

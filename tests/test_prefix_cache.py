@@ -254,11 +254,12 @@ def ask_all(port, prompts, n=10):
     """Streamed answers, the first request decoding before the others are sent (so that they join
     a running batch: long prompts in chunks)."""
     c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    model = c.models.list().data[0].id  # the name the server gives itself
     started = threading.Event()
 
     def ask(p, first=False):  # streamed, as an editor asks
         text = []
-        for ch in c.completions.create(model="m", prompt=p, max_tokens=n if not first else 120, temperature=0,
+        for ch in c.completions.create(model=model, prompt=p, max_tokens=n if not first else 120, temperature=0,
                                        stream=True, stop=None):
             started.set()
             text.append(ch.choices[0].text)

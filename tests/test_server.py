@@ -25,7 +25,8 @@ PROMPTS = ["def fibonacci(n: int) -> int:", "import os", "The quick brown fox", 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
     port = free_port()
-    proc = start(server_cmd(tiny_dir, port, "--max_seq_len", 256, "--max_batch_size", 4), port, env={"LLAMA_API_KEY": KEY})
+    proc = start(server_cmd(tiny_dir, port, "--max_seq_len", 256, "--max_batch_size", 4, "--served_model_name",
+                            tiny_dir.name, "tiny"), port, env={"LLAMA_API_KEY": KEY})
     yield f"http://127.0.0.1:{port}"
     assert stop(proc) == 0, "SIGTERM stops the server cleanly"
 
@@ -247,7 +248,8 @@ def test_model_parallel_server_under_torchrun(tiny_mp2_dir, generator):
     need_processes(2)
     port = free_port()
     proc = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                  *server_cmd(tiny_mp2_dir, port, "--max_seq_len", 256, "--max_batch_size", 4)[1:]], port)
+                  *server_cmd(tiny_mp2_dir, port, "--max_seq_len", 256, "--max_batch_size", 4,
+                              "--served_model_name", "m")[1:]], port)
     try:
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         with ThreadPoolExecutor(4) as pool:

@@ -31,8 +31,8 @@ DIALOG = [{"role": "user", "content": "What is a list?"}]
 @pytest.fixture(scope="module")
 def server(tiny_dir):
     port = free_port()
-    proc = start(server_cmd(tiny_dir, port, "--max_seq_len", 256, "--max_batch_size", 4), port,
-                 env={"LLAMA_API_KEY": KEY})
+    proc = start(server_cmd(tiny_dir, port, "--max_seq_len", 256, "--max_batch_size", 4, "--served_model_name",
+                            tiny_dir.name, "tiny"), port, env={"LLAMA_API_KEY": KEY})
     proc.url = f"http://127.0.0.1:{port}"
     yield proc
     assert stop(proc) == 0
@@ -387,6 +387,7 @@ def test_cors_is_off_unless_origins_are_given():
     ("/v1/completions", {"prompt": [1, 10**6]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, -3]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("/v1/completions", {"prompt": "x", "model": "tin"}, 404, "model"),  # a part of a served name is not it
     ("/v1/chat/completions", {"messages": DIALOG, "model": "gpt-4"}, 404, "model"),
     ("/v1/completions", {"prompt": "x", "best_of": 1, "n": 2}, 400, "best_of"),
     ("/v1/completions", {"prompt": "x", "best_of": 3, "stream": True}, 400, "best_of"),
