@@ -142,7 +142,8 @@ def test_checkpoint_files_are_what_the_layout_needs():
 def test_hub_id_without_huggingface_hub_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails, as when it is not installed
-    with pytest.raises(MissingExtra, match=r"'owner/name' is not a local file or folder.*pip install 'codellama\[hub\]'"):
+    expected = r"'owner/name' is not a local file or folder.*pip install 'codellama\[hub\]'"
+    with pytest.raises(MissingExtra, match=expected):
         hub.resolve("owner/name")
 
 
