@@ -54,7 +54,8 @@ FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 SAMPLE = [
     "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
     "    indented by four", "  two leading spaces", " one", "\tcontinue\n\t\treturn", "\n\n\nx", "trailing   ",
-    "a  b   c    d", " ", "", "\n", "class Stack:\r\n    pass", "print(\"naïve café ü ß\")  # ½ → ∑", "字符串 = '你好'",
+    "a  b   c    d", " ", "", "\n", "class Stack:\r\n    pass", "print(\"naïve café ü ß\")  # ½ → ∑",
+    "字符串 = '你好'",
     "emoji = '🦙🔥'", "x = [1, 2, 3]; y = {k: v for k, v in z.items()}", "<PRE> <SUF> <MID> [INST] <<SYS>>",
 ]
 

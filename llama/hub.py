@@ -88,7 +88,8 @@ def resolve(ckpt_dir: str, weights: bool = True) -> str:
                 "private or gated model, log in with `hf auth login` or set HF_TOKEN)"
             ) from None
         except errors.RevisionNotFoundError:
-            raise FileNotFoundError(f"the Hugging Face model {hub_id.repo!r} has no revision {hub_id.revision!r}") from None
+            raise FileNotFoundError(
+                f"the Hugging Face model {hub_id.repo!r} has no revision {hub_id.revision!r}") from None
         except Exception as e:  # no network, the hub down: the cache may have it, as huggingface_hub itself does
             why_local = f"the hub could not be reached ({type(e).__name__}: {e})"
     if names is None:
@@ -127,7 +128,7 @@ def checkpoint_files(hub_id: HubId, names: List[str], weights: bool = True) -> L
         return [hub_id.file]
     extra = [n for n in top if n in TOKENIZER_FILES]
     meta = [n for n in top if re.fullmatch(r"consolidated\.\d+\.pth", n)]
-    safetensors = [n for n in top if n.endswith(".safetensors")] + [n for n in top if n == "model.safetensors.index.json"]
+    safetensors = [n for n in top if n.endswith(".safetensors") or n == "model.safetensors.index.json"]
     bins = [n for n in top if re.fullmatch(r"pytorch_model.*\.bin", n) or n == "pytorch_model.bin.index.json"]
     if "params.json" in top and meta:
         chosen = ["params.json"] + meta

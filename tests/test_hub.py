@@ -142,5 +142,18 @@ def test_checkpoint_files_are_what_the_layout_needs():
 def test_hub_id_without_huggingface_hub_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails, as when it is not installed
-    with pytest.raises(MissingExtra, match=r"'owner/name' is not a local file or folder.*pip install 'codellama\[hub\]'"):
+    expected = r"'owner/name' is not a local file or folder.*pip install 'codellama\[hub\]'"
+    with pytest.raises(MissingExtra, match=expected):
         hub.resolve("owner/name")
+
+
+def test_memory_estimate_of_a_hub_id(hub_cache, tiny_dir, monkeypatch):
+    """python -m llama.memory's estimate reads a hub id's params.json from the cache (in-process:
+    huggingface_hub's settings, read from the environment at its import, are set directly)."""
+    from huggingface_hub import constants
+
+    from llama.memory import estimate
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    assert estimate("owner/tiny", 4096, 2, 2, "bfloat16") == estimate(str(tiny_dir), 4096, 2, 2, "bfloat16")
