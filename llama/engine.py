@@ -133,10 +133,10 @@ class Engine:
         self._fit_cache(prompts, budgets, len(batch) + len(prompts), rows_may_join=True)
         return batch.add(keys, prompts, budgets, params, prefixes=prefixes)
 
-    def start_prefill(self, prompt: List[int]) -> StagedPrefill:
-        """A checked prompt's prefill to run chunk by chunk beside a running batch, then `admit`
-        with it as the prompt's prefix once `remaining` <= prefill_chunk_size."""
-        return StagedPrefill(self.model, prompt, self.prefill_chunk_size, self.prefix_cache)
+    def start_prefill(self, prompt: List[int], chunk: int) -> StagedPrefill:
+        """A checked prompt's prefill to run `chunk` tokens at a time beside a running batch, then
+        `admit` with it as the prompt's prefix once `remaining` <= chunk."""
+        return StagedPrefill(self.model, prompt, chunk, self.prefix_cache)
 
     # The generation core -------------------------------------------------------------------
 
