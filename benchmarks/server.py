@@ -37,8 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import torch  # noqa: E402
 from generate import SHAPES  # noqa: E402
+from llama import Llama  # noqa: E402
 from llama.tiny import write_tiny_model  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
 
 WORDS = "def class return import for while if else self value items list dict print sum range len".split()
 
@@ -194,9 +197,6 @@ def long_prompt_gaps(url, tokenizer, a):
 
 
 def editor_replay(ckpt, a):
-    from llama.tokenizer import Tokenizer
-    import torch
-
     tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
     chunk_times = time_chunks(ckpt, a)
     rows = {}
@@ -267,9 +267,6 @@ def wait_ready(url):
 
 def time_chunks(ckpt, a):
     """Seconds of one prefill chunk of each size, at the middle of a --long_tokens prompt, in process."""
-    import torch
-    from llama import Llama
-
     g = Llama.build(str(ckpt), max_seq_len=a.long_tokens + 256, max_batch_size=1, dtype="float32", device="cpu")
     sizes = sorted(set(a.chunk_sizes + ([a.prefill_chunk] if a.prefill_chunk else [512])))
     model, times = g.model, {}

@@ -50,7 +50,8 @@ class Engine:
         prefix_cache_mb: keep prompts' keys and values in a prefix cache of this many MiB (per
         process; 0: none) and reuse them for prompts that start alike (llama.prefix_cache)."""
         if not isinstance(prefix_cache_mb, (int, float)) or isinstance(prefix_cache_mb, bool) or prefix_cache_mb < 0:
-            raise ValueError(f"prefix_cache_mb must be a number of MiB >= 0 (0 turns the cache off), not {prefix_cache_mb!r}")
+            raise ValueError(f"prefix_cache_mb must be a number of MiB >= 0 (0 turns the cache off), "
+                             f"not {prefix_cache_mb!r}")
         self.model = model
         self.prefix_cache: Optional[PrefixCache] = None
         self.use_prefix_cache(int(prefix_cache_mb * 2**20))
