@@ -179,9 +179,14 @@ def long_prompt_gaps(url, tokenizer, a):
     long_prompt = tokenizer.decode(ids)
 
     done = threading.Event()
+    # Random weights may end an answer early: stream a prompt whose greedy answer runs its whole budget.
+    candidates = ["def main():"] + [" ".join(WORDS[k:k + 4]) for k in range(0, len(WORDS) - 4)]
+    stream_prompt = next((p for p in candidates if httpx.post(f"{url}/v1/completions", timeout=3600, json={
+        "prompt": p, "max_tokens": 300, "temperature": 0}).json()["choices"][0]["finish_reason"] == "length"),
+        candidates[0])
 
     def running():
-        result["stream"] = stream_times(url, {"prompt": "def main():", "max_tokens": 1000, "temperature": 0}, done)[1]
+        result["stream"] = stream_times(url, {"prompt": stream_prompt, "max_tokens": 1000, "temperature": 0}, done)[1]
 
     def long_one():
         t0 = time.perf_counter()
@@ -249,7 +254,7 @@ def editor_replay(ckpt, a):
         t0, t1 = gaps["long"]
         window = [b - a_ for a_, b in zip(gaps["stream"], gaps["stream"][1:]) if b >= t0 and a_ <= t1]
         if not window:
-            print(f"| {label} | (the stream ended before the long prompt was sent) | | | |")
+            print(f"| {label} | (the stream ended before the long prompt's first token) | | | |")
             continue
         ratio = f"{max(window) / one_chunk:.2f}" if one_chunk else "?"
         print(f"| {label} | {max(window):.3f} | {statistics.median(window):.3f} | {ratio} | {t1 - t0:.2f} |")
