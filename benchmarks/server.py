@@ -140,9 +140,10 @@ def editor_requests(tokenizer, seed: int, file_tokens: int, requests: int, lines
     return out
 
 
-def stream_times(url, body, until=None):
+def stream_times(url, body, until=None, started=None):
     """(seconds to the first streamed chunk, the arrival time of every chunk, text) of one request;
-    until: an Event that ends the request early (the client hangs up)."""
+    until: an Event that ends the request early (the client hangs up); started: an Event set at
+    the first chunk."""
     start = time.perf_counter()
     arrivals, text = [], []
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=3600) as r:
@@ -151,6 +152,8 @@ def stream_times(url, body, until=None):
                 break
             if line.startswith("data: ") and line != "data: [DONE]":
                 arrivals.append(time.perf_counter())
+                if started is not None:
+                    started.set()
                 text.append(json.loads(line[6:])["choices"][0]["text"])
     return arrivals[0] - start if arrivals else float("nan"), arrivals, "".join(text)
 
@@ -178,7 +181,7 @@ def long_prompt_gaps(url, tokenizer, a):
     ids = tokenizer.encode(words, True, False)[: a.long_tokens]
     long_prompt = tokenizer.decode(ids)
 
-    done = threading.Event()
+    done, started = threading.Event(), threading.Event()
     # Random weights may end an answer early: stream a prompt whose greedy answer runs its whole budget.
     candidates = ["def main():"] + [" ".join(WORDS[k:k + 4]) for k in range(0, len(WORDS) - 4)]
     stream_prompt = next((p for p in candidates if httpx.post(f"{url}/v1/completions", timeout=3600, json={
@@ -186,7 +189,8 @@ def long_prompt_gaps(url, tokenizer, a):
         candidates[0])
 
     def running():
-        result["stream"] = stream_times(url, {"prompt": stream_prompt, "max_tokens": 1000, "temperature": 0}, done)[1]
+        result["stream"] = stream_times(url, {"prompt": stream_prompt, "max_tokens": 1000, "temperature": 0}, done,
+                                        started)[1]
 
     def long_one():
         t0 = time.perf_counter()
@@ -195,7 +199,8 @@ def long_prompt_gaps(url, tokenizer, a):
 
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(running)
-        time.sleep(3.0)  # the stream is decoding by now
+        started.wait(600)
+        time.sleep(0.5)  # a few steps of the stream before the long prompt arrives
         pool.submit(long_one).result()
         first.result()
     return result
