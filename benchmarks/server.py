@@ -37,8 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import torch  # noqa: E402
 from generate import SHAPES  # noqa: E402
+from llama import Llama  # noqa: E402
 from llama.tiny import write_tiny_model  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
 
 WORDS = "def class return import for while if else self value items list dict print sum range len".split()
 
@@ -137,9 +140,10 @@ def editor_requests(tokenizer, seed: int, file_tokens: int, requests: int, lines
     return out
 
 
-def stream_times(url, body, until=None):
+def stream_times(url, body, until=None, started=None):
     """(seconds to the first streamed chunk, the arrival time of every chunk, text) of one request;
-    until: an Event that ends the request early (the client hangs up)."""
+    until: an Event that ends the request early (the client hangs up); started: an Event set at
+    the first chunk."""
     start = time.perf_counter()
     arrivals, text = [], []
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=3600) as r:
@@ -148,6 +152,8 @@ def stream_times(url, body, until=None):
                 break
             if line.startswith("data: ") and line != "data: [DONE]":
                 arrivals.append(time.perf_counter())
+                if started is not None:
+                    started.set()
                 text.append(json.loads(line[6:])["choices"][0]["text"])
     return arrivals[0] - start if arrivals else float("nan"), arrivals, "".join(text)
 
@@ -175,10 +181,16 @@ def long_prompt_gaps(url, tokenizer, a):
     ids = tokenizer.encode(words, True, False)[: a.long_tokens]
     long_prompt = tokenizer.decode(ids)
 
-    done = threading.Event()
+    done, started = threading.Event(), threading.Event()
+    # Random weights may end an answer early: stream a prompt whose greedy answer runs its whole budget.
+    candidates = ["def main():"] + [" ".join(WORDS[k:k + 4]) for k in range(0, len(WORDS) - 4)]
+    stream_prompt = next((p for p in candidates if httpx.post(f"{url}/v1/completions", timeout=3600, json={
+        "prompt": p, "max_tokens": 300, "temperature": 0}).json()["choices"][0]["finish_reason"] == "length"),
+        candidates[0])
 
     def running():
-        result["stream"] = stream_times(url, {"prompt": "def main():", "max_tokens": 1000, "temperature": 0}, done)[1]
+        result["stream"] = stream_times(url, {"prompt": stream_prompt, "max_tokens": 1000, "temperature": 0}, done,
+                                        started)[1]
 
     def long_one():
         t0 = time.perf_counter()
@@ -187,16 +199,14 @@ def long_prompt_gaps(url, tokenizer, a):
 
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(running)
-        time.sleep(3.0)  # the stream is decoding by now
+        started.wait(600)
+        time.sleep(0.5)  # a few steps of the stream before the long prompt arrives
         pool.submit(long_one).result()
         first.result()
     return result
 
 
 def editor_replay(ckpt, a):
-    from llama.tokenizer import Tokenizer
-    import torch
-
     tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
     chunk_times = time_chunks(ckpt, a)
     rows = {}
@@ -249,7 +259,7 @@ def editor_replay(ckpt, a):
         t0, t1 = gaps["long"]
         window = [b - a_ for a_, b in zip(gaps["stream"], gaps["stream"][1:]) if b >= t0 and a_ <= t1]
         if not window:
-            print(f"| {label} | (the stream ended before the long prompt was sent) | | | |")
+            print(f"| {label} | (the stream ended before the long prompt's first token) | | | |")
             continue
         ratio = f"{max(window) / one_chunk:.2f}" if one_chunk else "?"
         print(f"| {label} | {max(window):.3f} | {statistics.median(window):.3f} | {ratio} | {t1 - t0:.2f} |")
@@ -267,9 +277,6 @@ def wait_ready(url):
 
 def time_chunks(ckpt, a):
     """Seconds of one prefill chunk of each size, at the middle of a --long_tokens prompt, in process."""
-    import torch
-    from llama import Llama
-
     g = Llama.build(str(ckpt), max_seq_len=a.long_tokens + 256, max_batch_size=1, dtype="float32", device="cpu")
     sizes = sorted(set(a.chunk_sizes + ([a.prefill_chunk] if a.prefill_chunk else [512])))
     model, times = g.model, {}

@@ -52,7 +52,8 @@ class Engine:
         process; 0: none) and reuse them for prompts that start alike (llama.prefix_cache);
         speculator: decode speculatively (llama.speculative; its verify step runs eagerly)."""
         if not isinstance(prefix_cache_mb, (int, float)) or isinstance(prefix_cache_mb, bool) or prefix_cache_mb < 0:
-            raise ValueError(f"prefix_cache_mb must be a number of MiB >= 0 (0 turns the cache off), not {prefix_cache_mb!r}")
+            raise ValueError(f"prefix_cache_mb must be a number of MiB >= 0 (0 turns the cache off), "
+                             f"not {prefix_cache_mb!r}")
         self.model = model
         self.speculator = speculator
         self.prefix_cache: Optional[PrefixCache] = None
@@ -144,10 +145,10 @@ class Engine:
         self._fit_cache(prompts, budgets, len(batch) + len(prompts), rows_may_join=True)
         return batch.add(keys, prompts, budgets, params, prefixes=prefixes)
 
-    def start_prefill(self, prompt: List[int]) -> StagedPrefill:
-        """A checked prompt's prefill to run chunk by chunk beside a running batch, then `admit`
-        with it as the prompt's prefix once `remaining` <= prefill_chunk_size."""
-        return StagedPrefill(self.model, prompt, self.prefill_chunk_size, self.prefix_cache)
+    def start_prefill(self, prompt: List[int], chunk: int) -> StagedPrefill:
+        """A checked prompt's prefill to run `chunk` tokens at a time beside a running batch, then
+        `admit` with it as the prompt's prefix once `remaining` <= chunk."""
+        return StagedPrefill(self.model, prompt, chunk, self.prefix_cache)
 
     # The generation core -------------------------------------------------------------------
 

@@ -422,8 +422,9 @@ def start_http(app, host: str, port: int):
     return server, thread
 
 
-# Prompt tokens per chunk of a chunked prefill: measured on the CPU study model (benchmarks/server.py
-# --chunks; see BENCHMARKS.md), where a chunk's time per token stops falling at about this size.
+# Prompt tokens per chunk of a prefill beside running streams: measured on the CPU study model
+# (benchmarks/server.py --editor times chunk sizes; see BENCHMARKS.md): larger chunks buy little
+# more prefill throughput for a proportionally longer wait of every running stream.
 PREFILL_CHUNK = 512
 
 
@@ -494,14 +495,14 @@ def main(argv=None) -> None:
         print(f"llama.server: listening on http://{a.host}:{a.port} (loading {a.ckpt_dir})", file=sys.stderr)
     generator = Llama.build(a.ckpt_dir, a.tokenizer_path,
                             a.max_seq_len, a.max_batch_size, dtype=a.dtype, compile=a.compile,
-                            quantize=a.quantize, group_size=a.group_size, prefill_chunk_size=a.prefill_chunk,
+                            quantize=a.quantize, group_size=a.group_size,
                             speculative=a.speculative, speculative_tokens=a.speculative_tokens)
     if a.prefix_cache_mb is None:  # the same on every rank: each holds its shard of the same blocks
         budget = default_budget_bytes(generator.model.new_cache().nbytes(a.max_batch_size, a.max_seq_len))
     else:
         budget = int(a.prefix_cache_mb * 2**20)
     generator.engine.use_prefix_cache(budget)
-    scheduler = Scheduler(generator.engine, generator.tokenizer, max_queue=a.max_queue)
+    scheduler = Scheduler(generator.engine, generator.tokenizer, max_queue=a.max_queue, prefill_chunk=a.prefill_chunk)
 
     def stop(signum, frame):
         scheduler.shutdown()  # rank 0 tells the others at the end of the current step

@@ -7,8 +7,8 @@ prompt starts a chunked prefill; all ranks apply that to the same engine batch a
 in lockstep. After the step rank 0 turns each job's new tokens into text and hands it to the
 HTTP side.
 
-Chunked prefill: while rows are decoding, a round prefills about one chunk (the engine's
-prefill_chunk_size) of prompt tokens: jobs whose prompt (less what the prefix cache holds) fits
+Chunked prefill: while rows are decoding, a round prefills about one chunk (`prefill_chunk`) of
+prompt tokens: jobs whose prompt (less what the prefix cache holds) fits
 join at once; a longer one is prefilled one chunk per round beside the batch (StagedPrefill) and
 joins with its last chunk, so running streams wait about one chunk per step. With no row
 decoding, waiting jobs join at once, whatever their length.
@@ -80,8 +80,12 @@ class Scheduler:
     """Continuous batching: a request joins the running batch at the next step (if there is a free
     row) and leaves it when its answer is complete."""
 
-    def __init__(self, engine: Engine, tokenizer: TokenizerProtocol, max_queue: int = 64):
+    def __init__(self, engine: Engine, tokenizer: TokenizerProtocol, max_queue: int = 64,
+                 prefill_chunk: Optional[int] = None):
+        """prefill_chunk: prompt tokens prefilled per round while rows decode (default: the
+        engine's prefill_chunk_size)."""
         self.engine, self.tokenizer = engine, tokenizer
+        self.prefill_chunk = prefill_chunk or engine.prefill_chunk_size
         self.max_batch_size = engine.max_batch_size
         self.queue: "queue.Queue[Handle]" = queue.Queue(maxsize=max_queue)
         self.stopping = threading.Event()
@@ -173,7 +177,7 @@ class Scheduler:
         staying = len(batch) - len(set(leave) - staged)
         free = self.max_batch_size - staying - (1 if staged - set(leave) else 0)
         join, stage = [], None
-        chunk = self.engine.prefill_chunk_size
+        chunk = self.prefill_chunk
         budget = None  # prompt tokens this round may prefill (None: no row is decoding, no limit)
         if staying or (staged - set(leave)):
             budget = chunk - (min(self.staged[2].remaining, chunk) if staged - set(leave) else 0)
@@ -219,7 +223,7 @@ class Scheduler:
             self.staged = None
         if self.staged is not None:
             key, job, staged = self.staged
-            if staged.remaining <= self.engine.prefill_chunk_size:
+            if staged.remaining <= self.prefill_chunk:
                 join, prefixes = [(key, job)] + list(join), [staged] + prefixes
                 self.staged = None
             else:
@@ -229,8 +233,8 @@ class Scheduler:
             self._join(batch, join, prefixes)
         if stage is not None:
             key, job = stage
-            staged = self.engine.start_prefill(job.prompt_tokens)
-            if staged.remaining <= self.engine.prefill_chunk_size:  # the prefix cache holds the rest
+            staged = self.engine.start_prefill(job.prompt_tokens, self.prefill_chunk)
+            if staged.remaining <= self.prefill_chunk:  # the prefix cache holds the rest
                 self._join(batch, [stage], [staged])
             else:
                 staged.step()

@@ -188,7 +188,7 @@ def test_staged_prefill_between_decode_steps_gives_the_same_answers(tiny_dir, pl
     out = {0: [], 1: [], 2: []}
     for u in engine.admit(batch, [0, 1], short, [params] * 2):
         out[u.row] += u.tokens
-    staged, chunks = engine.start_prefill(long_prompt), 0
+    staged, chunks = engine.start_prefill(long_prompt, 6), 0
     while batch or staged is not None:
         if staged is not None and staged.remaining <= 6:
             engine.admit(batch, [2], [long_prompt], [params], prefixes=[staged])
