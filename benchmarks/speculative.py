@@ -43,11 +43,11 @@ FUNCTION = "\n".join(
         for i in range(6)
         for line in (
             f"    # pass {i}: values above threshold * {i + 1}",
-            f"    for name, values in groups.items():",
+            "    for name, values in groups.items():",
             f"        above = [v for v in values if v > threshold * {i + 1}]",
-            f"        if above:",
+            "        if above:",
             f"            report.append((name, {i}, len(above), sum(above) / len(above)))",
-            f"",
+            "",
         )
     ]
     + ["    report.sort()", "    return report"]
