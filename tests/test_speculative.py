@@ -355,3 +355,45 @@ def test_ngram_index_finds_what_a_scan_finds():
     assert speculative.lookup([7, 1, 2, 3, 9, 1, 2, 3, 8, 5, 1, 2, 3], 2) == [8, 5]  # the latest of two matches
     assert speculative.lookup([1, 2, 3, 4, 2, 3], 3) == [4, 2, 3]  # 3-gram absent, 2-gram found
     assert speculative.lookup([1, 2, 3, 4], 3) == []
+
+
+# Command lines ---------------------------------------------------------------------------------
+
+def test_example_script_with_speculative_flags(tiny_dir):
+    """example_infilling.py --speculative ngram --speculative_tokens 3 prints what it prints without."""
+    from test_examples import example, python
+
+    plain = example("example_infilling.py", tiny_dir, mp=1)
+    args = ["example_infilling.py", "--ckpt_dir", tiny_dir, "--tokenizer_path", tiny_dir / "tokenizer.model",
+            "--temperature", "0", "--max_gen_len", "8", "--speculative", "ngram", "--speculative_tokens", "3"]
+    run = python(*[ROOT / args[0], *args[1:]])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == plain
+
+
+def test_server_with_speculative_flag(tiny_dir, small_draft_dir, generator):
+    """python -m llama.server --speculative DRAFT: concurrent greedy completions (continuous
+    batching: 4 requests on 2 rows) equal the plain generator's."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from servers import free_port, server_cmd, start, stop
+    from test_server import expected_completion
+
+    port = free_port()
+    proc = start(server_cmd(tiny_dir, port, "--max_seq_len", 256, "--max_batch_size", 2,
+                            "--speculative", small_draft_dir, "--speculative_tokens", 2), port)
+    try:
+        def ask(prompt):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                           json={"prompt": prompt, "max_tokens": 16, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(4) as pool:  # 4 requests, 2 rows: rows join a running batch
+            answers = list(pool.map(ask, PROMPTS[:4]))
+        assert answers == [expected_completion(generator, p, 16) for p in PROMPTS[:4]]
+    finally:
+        assert stop(proc) == 0
