@@ -329,7 +329,7 @@ def check_speculative(speculative, speculative_tokens) -> None:
         return
     if not isinstance(speculative, (str, Path)):
         raise TypeError(f'speculative must be "ngram" or a draft checkpoint folder, not {type(speculative).__name__}')
-    if not Path(speculative).exists():
+    if not str(speculative) or not Path(speculative).exists():
         raise FileNotFoundError(f'speculative={str(speculative)!r}: no such draft checkpoint; pass "ngram" (prompt '
                                 "lookup) or the folder (or .gguf file) of a draft model with the target's tokenizer")
 

@@ -324,8 +324,9 @@ def test_mp2_equals_plain_mp1(tiny_dir, tiny_mp2_dir, tmp_path_factory):
 def test_bad_speculative_values(tiny_dir, tiny_step_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match='pass "ngram"'):
         build(tiny_dir, speculative="n-gram")
-    with pytest.raises(FileNotFoundError, match="no such draft checkpoint"):
-        build(tiny_dir, speculative=str(tmp_path / "missing"))
+    for missing in (str(tmp_path / "missing"), ""):
+        with pytest.raises(FileNotFoundError, match="no such draft checkpoint"):
+            build(tiny_dir, speculative=missing)
     with pytest.raises(TypeError, match="speculative must be"):
         build(tiny_dir, speculative=3)
     for k in (0, -1, 1.5, True, "4"):
