@@ -332,6 +332,8 @@ def test_bad_speculative_values(tiny_dir, tiny_step_dir, tmp_path):
     for k in (0, -1, 1.5, True, "4"):
         with pytest.raises(ValueError, match="speculative_tokens must be an int >= 1"):
             build(tiny_dir, speculative="ngram", speculative_tokens=k)
+    with pytest.raises(ValueError, match="speculative_tokens is set but speculative is not"):
+        build(tiny_dir, speculative_tokens=4)
     other = write_tiny_model(tmp_path / "other_vocab", vocab_size=400)
     with pytest.raises(ValueError, match="must share the target's tokenizer"):
         build(tiny_dir, speculative=str(other))
