@@ -282,6 +282,18 @@ class Speculator:
         return NgramProposer() if self.draft is None else DraftProposer(self.draft)
 
 
+def adapt_k(k: int, misses: int, proposed: int, accepted: int) -> Tuple[int, int, int]:
+    """Adaptive k after a verification of `proposed` tokens: (next k, misses, steps to rest).
+
+    k grows by 2 (to MAX_K) when every proposal is accepted, else becomes one more than were. After
+    `misses` verifications in a row of which nothing was accepted, the row rests 2, 4, ..
+    MAX_REST steps without proposing: a verify pass of several tokens costs more than a pass of
+    one where compute, not memory, bounds it (a CPU), and text unlike its prompt stays unlike it."""
+    k = min(k + 2, MAX_K) if accepted == proposed else max(1, accepted + 1)
+    misses = 0 if accepted else misses + 1
+    return k, misses, min(2 ** misses, MAX_REST) if misses else 0
+
+
 class SpeculativeBatch(Batch):
     """A Batch whose step proposes tokens, verifies them in one target forward per step and hands
     out every row's accepted tokens; stop ids, budgets and logprobs work as in Batch.
@@ -407,15 +419,11 @@ class SpeculativeBatch(Batch):
         r.pos = torch.tensor(r.pos_host, device=device, dtype=torch.long)
 
     def adapt(self, key: int, proposed: int, accepted: int) -> None:
-        """Adaptive k: grow it while every proposal is accepted, else shrink it to one more than
-        were; after proposals of which nothing was accepted, rest 2, 4, .. MAX_REST steps (a
-        verify pass of several tokens costs more than one where compute, not memory, bounds it)."""
+        """Adaptive k after a step of the row (`adapt_k`), or one step less of rest."""
         if self.rest[key]:
             self.rest[key] -= 1
         elif proposed:
-            self.k[key] = min(self.k[key] + 2, MAX_K) if accepted == proposed else max(1, accepted + 1)
-            self.misses[key] = 0 if accepted else self.misses[key] + 1
-            self.rest[key] = min(2 ** self.misses[key], MAX_REST) if self.misses[key] else 0
+            self.k[key], self.misses[key], self.rest[key] = adapt_k(self.k[key], self.misses[key], proposed, accepted)
 
     def _emit(self, a: int, tokens: List[int], lps: List[Optional[float]], u: RowUpdate) -> bool:
         """Hand row a's new tokens to its update until a stop id or its budget; True when it is done."""

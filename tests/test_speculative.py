@@ -347,6 +347,17 @@ def test_draft_not_smaller_warns(tiny_dir):
                     speculative=str(tiny_dir))
 
 
+def test_adaptive_k():
+    """k grows by 2 to 8 on full acceptance, shrinks to accepted + 1; misses make a row rest 2, 4, .. 16."""
+    assert speculative.adapt_k(4, 0, 4, 4) == (6, 0, 0)
+    assert speculative.adapt_k(8, 0, 8, 8) == (8, 0, 0)
+    assert speculative.adapt_k(6, 0, 6, 2) == (3, 0, 0)
+    assert speculative.adapt_k(3, 0, 3, 0) == (1, 1, 2)
+    assert speculative.adapt_k(1, 1, 1, 0) == (1, 2, 4)
+    assert speculative.adapt_k(1, 5, 1, 0) == (1, 6, 16)
+    assert speculative.adapt_k(1, 6, 1, 1) == (3, 0, 0)
+
+
 def test_ngram_index_finds_what_a_scan_finds():
     """NgramIndex (incremental) against lookup (a scan from the end), on growing random histories."""
     g = torch.Generator().manual_seed(0)
