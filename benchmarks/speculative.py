@@ -7,10 +7,13 @@ tokens per target forward, and whether the answers are identical.
 Workloads, each a chat request (the checkpoint's chat format):
 - code edit: rewrite a given 50-line function with one change (the answer repeats most of it);
 - free writing: a short essay on a topic not in the prompt.
-Systems: plain, speculative="ngram" (prompt lookup), and speculative=--draft when given.
+Systems: plain, speculative="ngram" (prompt lookup), and speculative=--draft when given; each
+workload runs --repeat times, systems alternating, and the median time counts (the statistics are
+the last run's).
 """
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,11 +46,11 @@ FUNCTION = "\n".join(
         for i in range(6)
         for line in (
             f"    # pass {i}: values above threshold * {i + 1}",
-            f"    for name, values in groups.items():",
+            "    for name, values in groups.items():",
             f"        above = [v for v in values if v > threshold * {i + 1}]",
-            f"        if above:",
+            "        if above:",
             f"            report.append((name, {i}, len(above), sum(above) / len(above)))",
-            f"",
+            "",
         )
     ]
     + ["    report.sort()", "    return report"]
@@ -76,6 +79,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max_gen_len", type=int, default=None, help="cap every workload's answer (smoke runs)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each system per workload (median time)")
     a = parser.parse_args()
     ckpt = a.ckpt or str(smollm2_path())
     systems = {"plain": None, "ngram": "ngram", **({"draft": a.draft} if a.draft else {})}
@@ -86,17 +90,26 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for workload, (prompt, max_gen_len) in WORKLOADS.items():
         max_gen_len = min(max_gen_len, a.max_gen_len or max_gen_len)
-        base = None
-        for name, g in generators.items():
-            stats = g.engine.speculative_stats
-            if stats:
-                stats.reset()
-            text, n, seconds = run(g, prompt, max_gen_len)
-            base = base or (text, n / seconds)
-            acc = f"{stats.acceptance_rate:.2f}" if stats else "-"
-            tpf = f"{stats.tokens_per_forward:.2f}" if stats else "1.00"
-            print(f"| {workload} | {name} | {n} | {n / seconds:.1f} | {n / seconds / base[1]:.2f}x | {acc} | {tpf} "
-                  f"| {text == base[0]} |")
+        times = {name: [] for name in generators}
+        answers, stats = {}, {}
+        for _ in range(a.repeat):  # systems alternate within each repetition; the median counts
+            for name, g in generators.items():
+                if g.engine.speculative_stats:
+                    g.engine.speculative_stats.reset()
+                text, n, seconds = run(g, prompt, max_gen_len)
+                answers[name] = (text, n)
+                times[name].append(seconds)
+                stats[name] = g.engine.speculative_stats
+        base_text, base_n = answers["plain"]
+        base_rate = base_n / statistics.median(times["plain"])
+        for name in generators:
+            text, n = answers[name]
+            rate = n / statistics.median(times[name])
+            s = stats[name]
+            acc = f"{s.acceptance_rate:.2f}" if s else "-"
+            tpf = f"{s.tokens_per_forward:.2f}" if s else "1.00"
+            print(f"| {workload} | {name} | {n} | {rate:.1f} | {rate / base_rate:.2f}x | {acc} | {tpf} "
+                  f"| {text == base_text} |")
 
 
 if __name__ == "__main__":

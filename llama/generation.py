@@ -331,11 +331,14 @@ def check_speculative(speculative, speculative_tokens) -> None:
     """Raise unless `speculative` is None, "ngram" or an existing draft checkpoint, and
     speculative_tokens None or an int >= 1."""
     check_speculative_tokens(speculative_tokens)
+    if speculative is None and speculative_tokens is not None:
+        raise ValueError('speculative_tokens is set but speculative is not: pass speculative="ngram" or a draft '
+                         "checkpoint too")
     if speculative is None or speculative == NGRAM:
         return
     if not isinstance(speculative, (str, Path)):
         raise TypeError(f'speculative must be "ngram" or a draft checkpoint folder, not {type(speculative).__name__}')
-    if not Path(speculative).exists():
+    if not str(speculative) or not Path(speculative).exists():
         raise FileNotFoundError(f'speculative={str(speculative)!r}: no such draft checkpoint; pass "ngram" (prompt '
                                 "lookup) or the folder (or .gguf file) of a draft model with the target's tokenizer")
 

@@ -33,6 +33,7 @@ from llama.sampling import SamplingParams, sample, sample_rows
 NGRAM = "ngram"
 START_K = 4  # adaptive k: the first proposal's length
 MAX_K = 8  # adaptive k: the longest proposal
+MAX_REST = 16  # adaptive k: most steps a row rests from proposing after proposals that all failed
 NGRAM_SIZES = (3, 2)  # prompt lookup matches the last 3 tokens, else the last 2
 UNSUPPORTED = ("speculative decoding samples with temperature and top_p only: seed, top_k, min_p, the penalties, "
                "logit_bias and top_logprobs need a generator built without speculative")
@@ -125,13 +126,14 @@ def accept_mask(p: torch.Tensor, q: torch.Tensor, u: torch.Tensor) -> torch.Tens
 
 
 def verify(logits: torch.Tensor, drafts: torch.Tensor, q: Optional[torch.Tensor], k: torch.Tensor,
-           temperature: torch.Tensor, top_p: torch.Tensor,
-           generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+           temperature: torch.Tensor, top_p: torch.Tensor, generator: Optional[torch.Generator],
+           all_greedy: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Check each row's draft tokens against the target.
 
     logits (A, K+1, V): the target's logits after the row's last token and after each draft token;
     drafts (A, K): proposed tokens (row a's first k[a] are real, the rest padding); q (A, K, V):
-    the draft's probabilities of them (None: one-hot, for prompt lookup); temperature, top_p (A,).
+    the draft's probabilities of them (None: one-hot, for prompt lookup); temperature, top_p (A,);
+    all_greedy: every temperature is 0 (known on the host: a shortcut).
     Returns (accepted (A,): how many leading drafts each row keeps, next (A,): the token after them,
     the target's own)."""
     rows, width = drafts.shape
@@ -140,6 +142,9 @@ def verify(logits: torch.Tensor, drafts: torch.Tensor, q: Optional[torch.Tensor]
     greedy = temperature == 0
     best = logits.argmax(-1)  # (A, K+1)
     greedy_ok = (drafts == best[:, :width]) & real
+    if all_greedy:  # no probabilities needed, no random numbers drawn
+        accepted = greedy_ok.long().cumprod(-1).sum(-1)
+        return accepted, best[arange, accepted]
     p = filtered_probs(logits, temperature, top_p)  # (A, K+1, V)
     if q is None:
         q = F.one_hot(drafts, p.shape[-1]).to(p.dtype)
@@ -236,7 +241,8 @@ class DraftProposer:
         self.model.cache.keep_rows(keep)
 
     def propose(self, batch: "SpeculativeBatch", ks: List[int]) -> Tuple[List[List[int]], Optional[torch.Tensor]]:
-        """(max(ks) tokens for every row, their draft probabilities (A, K, V))."""
+        """(max(ks) tokens for every row, their draft probabilities (A, K, V); None when every row
+        is greedy)."""
         width, keys, r = max(ks), batch.rows.keys, batch.rows
         device = self.model.device
         last = [len(batch.history[key]) - 1 for key in keys]  # position of each row's newest token
@@ -249,19 +255,22 @@ class DraftProposer:
         rows = slice(0, len(keys))
         h = self.model.hidden(tokens, start, kv_len=max(last) + 1, rows=rows)
         logits = self.model.logits(h[:, -1])
-        greedy = r.row_temp == 0
+        greedy, all_greedy = r.row_temp == 0, max(r.temps) == 0
         drafts, probs = [], []
         for i in range(width):
-            q = filtered_probs(logits, r.row_temp, r.row_top_p)
-            token = torch.where(greedy, logits.argmax(-1), draw(q, batch.rng))
+            if all_greedy:  # greedy verification needs no draft probabilities
+                token = logits.argmax(-1)
+            else:
+                q = filtered_probs(logits, r.row_temp, r.row_top_p)
+                token = torch.where(greedy, logits.argmax(-1), draw(q, batch.rng))
+                probs.append(q)
             drafts.append(token)
-            probs.append(q)
             if i + 1 < width:
                 h = self.model.hidden(token[:, None], start + catch_up + i, kv_len=max(last) + 2 + i, rows=rows)
                 logits = self.model.logits(h[:, -1])
         for p, key in zip(last, keys):
             self.seen[key] = p + width  # its newest token and drafts 1..K-1 (refined by `accepted`)
-        return torch.stack(drafts, 1).tolist(), torch.stack(probs, 1)
+        return torch.stack(drafts, 1).tolist(), torch.stack(probs, 1) if probs else None
 
     def accepted(self, keys: List[int], last: List[int], accepted: List[int], width: int) -> None:
         """After verification: the draft cache is right up to the last accepted draft it fed."""
@@ -286,6 +295,18 @@ class Speculator:
         return NgramProposer() if self.draft is None else DraftProposer(self.draft)
 
 
+def adapt_k(k: int, misses: int, proposed: int, accepted: int) -> Tuple[int, int, int]:
+    """Adaptive k after a verification of `proposed` tokens: (next k, misses, steps to rest).
+
+    k grows by 2 (to MAX_K) when every proposal is accepted, else becomes one more than were. After
+    `misses` verifications in a row of which nothing was accepted, the row rests 2, 4, ..
+    MAX_REST steps without proposing: a verify pass of several tokens costs more than a pass of
+    one where compute, not memory, bounds it (a CPU), and text unlike its prompt stays unlike it."""
+    k = min(k + 2, MAX_K) if accepted == proposed else max(1, accepted + 1)
+    misses = 0 if accepted else misses + 1
+    return k, misses, min(2 ** misses, MAX_REST) if misses else 0
+
+
 class SpeculativeBatch(Batch):
     """A Batch whose step proposes tokens, verifies them in one target forward per step and hands
     out every row's accepted tokens; stop ids, budgets and logprobs work as in Batch.
@@ -302,6 +323,8 @@ class SpeculativeBatch(Batch):
         self.history: Dict[int, List[int]] = {}
         self.started: set = set()  # rows whose newest history token is a generated one
         self.k: Dict[int, int] = {}  # adaptive k per row
+        self.misses: Dict[int, int] = {}  # adaptive: proposals in a row of which nothing was accepted
+        self.rest: Dict[int, int] = {}  # adaptive: steps the row still waits before proposing again
 
     def add(self, keys: List[int], prompts: List[List[int]], budgets: List[int], params: Sequence[SamplingParams],
             prompt_logprobs: bool = False, prefixes: Optional[list] = None) -> List[RowUpdate]:
@@ -316,6 +339,7 @@ class SpeculativeBatch(Batch):
         for key, p in zip(self.rows.keys[row0:], joined):
             self.history[key] = list(p)
             self.k[key] = self.speculator.tokens or START_K
+            self.misses[key] = self.rest[key] = 0
         if joined:
             self.proposer.add(self, row0, joined)
         return updates
@@ -329,6 +353,8 @@ class SpeculativeBatch(Batch):
         for key in keys:
             self.history.pop(key, None)
             self.k.pop(key, None)
+            self.misses.pop(key, None)
+            self.rest.pop(key, None)
             self.started.discard(key)
             self.proposer.forget(key)
         super().drop(keys)
@@ -369,7 +395,7 @@ class SpeculativeBatch(Batch):
         keys = r.keys
         last = [len(self.history[key]) - 1 for key in keys]  # position of each row's unfed token
         room = min(self.model.cache.seq_len - 1 - p for p in last)  # padding must stay in the cache
-        ks = [max(0, min(self.k[key], left - 1, room)) for key, left in zip(keys, r.left)]
+        ks = [0 if self.rest[key] else max(0, min(self.k[key], left - 1, room)) for key, left in zip(keys, r.left)]
         drafts, q = self.proposer.propose(self, ks) if max(ks) > 0 else ([[] for _ in keys], None)
         ks = [min(k, len(d)) for k, d in zip(ks, drafts)]
         width = max(ks)
@@ -382,7 +408,8 @@ class SpeculativeBatch(Batch):
         if q is not None:
             q = q[:, :width]
         k_dev = torch.tensor(ks, device=device)
-        accepted, nxt = verify(logits, tokens[:, 1:], q, k_dev, r.row_temp, r.row_top_p, self.rng)
+        accepted, nxt = verify(logits, tokens[:, 1:], q, k_dev, r.row_temp, r.row_top_p, self.rng,
+                               all_greedy=max(r.temps) == 0)
         # The tokens made: accepted drafts, then the target's next token at index `accepted`.
         j = torch.arange(width + 1, device=device)
         made = torch.where(j < accepted[:, None], torch.cat([tokens[:, 1:], tokens[:, :1]], 1), nxt[:, None])
@@ -399,14 +426,21 @@ class SpeculativeBatch(Batch):
             stats.accepted += n
             stats.row_forwards += 1
             stats.tokens += n + 1
-            if self.speculator.tokens is None and ks[a] > 0:  # adaptive: grow on full acceptance, else shrink
-                self.k[key] = min(self.k[key] + 2, MAX_K) if n == ks[a] else max(1, n + 1)
+            if self.speculator.tokens is None:
+                self.adapt(key, ks[a], n)
             if self._emit(a, made[a][: n + 1], lps[a][: n + 1] if lps else [None] * (n + 1), updates[key]):
                 done.append(key)
         self.drop(done)
         r = self.rows
         r.pos_host = [len(self.history[key]) - 1 for key in r.keys]
         r.pos = torch.tensor(r.pos_host, device=device, dtype=torch.long)
+
+    def adapt(self, key: int, proposed: int, accepted: int) -> None:
+        """Adaptive k after a step of the row (`adapt_k`), or one step less of rest."""
+        if self.rest[key]:
+            self.rest[key] -= 1
+        elif proposed:
+            self.k[key], self.misses[key], self.rest[key] = adapt_k(self.k[key], self.misses[key], proposed, accepted)
 
     def _emit(self, a: int, tokens: List[int], lps: List[Optional[float]], u: RowUpdate) -> bool:
         """Hand row a's new tokens to its update until a stop id or its budget; True when it is done."""

@@ -324,13 +324,16 @@ def test_mp2_equals_plain_mp1(tiny_dir, tiny_mp2_dir, tmp_path_factory):
 def test_bad_speculative_values(tiny_dir, tiny_step_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match='pass "ngram"'):
         build(tiny_dir, speculative="n-gram")
-    with pytest.raises(FileNotFoundError, match="no such draft checkpoint"):
-        build(tiny_dir, speculative=str(tmp_path / "missing"))
+    for missing in (str(tmp_path / "missing"), ""):
+        with pytest.raises(FileNotFoundError, match="no such draft checkpoint"):
+            build(tiny_dir, speculative=missing)
     with pytest.raises(TypeError, match="speculative must be"):
         build(tiny_dir, speculative=3)
     for k in (0, -1, 1.5, True, "4"):
         with pytest.raises(ValueError, match="speculative_tokens must be an int >= 1"):
             build(tiny_dir, speculative="ngram", speculative_tokens=k)
+    with pytest.raises(ValueError, match="speculative_tokens is set but speculative is not"):
+        build(tiny_dir, speculative_tokens=4)
     other = write_tiny_model(tmp_path / "other_vocab", vocab_size=400)
     with pytest.raises(ValueError, match="must share the target's tokenizer"):
         build(tiny_dir, speculative=str(other))
@@ -344,6 +347,17 @@ def test_draft_not_smaller_warns(tiny_dir):
                     speculative=str(tiny_dir))
 
 
+def test_adaptive_k():
+    """k grows by 2 to 8 on full acceptance, shrinks to accepted + 1; misses make a row rest 2, 4, .. 16."""
+    assert speculative.adapt_k(4, 0, 4, 4) == (6, 0, 0)
+    assert speculative.adapt_k(8, 0, 8, 8) == (8, 0, 0)
+    assert speculative.adapt_k(6, 0, 6, 2) == (3, 0, 0)
+    assert speculative.adapt_k(3, 0, 3, 0) == (1, 1, 2)
+    assert speculative.adapt_k(1, 1, 1, 0) == (1, 2, 4)
+    assert speculative.adapt_k(1, 5, 1, 0) == (1, 6, 16)
+    assert speculative.adapt_k(1, 6, 1, 1) == (3, 0, 0)
+
+
 def test_ngram_index_finds_what_a_scan_finds():
     """NgramIndex (incremental) against lookup (a scan from the end), on growing random histories."""
     g = torch.Generator().manual_seed(0)
@@ -355,3 +369,45 @@ def test_ngram_index_finds_what_a_scan_finds():
     assert speculative.lookup([7, 1, 2, 3, 9, 1, 2, 3, 8, 5, 1, 2, 3], 2) == [8, 5]  # the latest of two matches
     assert speculative.lookup([1, 2, 3, 4, 2, 3], 3) == [4, 2, 3]  # 3-gram absent, 2-gram found
     assert speculative.lookup([1, 2, 3, 4], 3) == []
+
+
+# Command lines ---------------------------------------------------------------------------------
+
+def test_example_script_with_speculative_flags(tiny_dir):
+    """example_infilling.py --speculative ngram --speculative_tokens 3 prints what it prints without."""
+    from test_examples import example, python
+
+    plain = example("example_infilling.py", tiny_dir, mp=1)
+    args = ["example_infilling.py", "--ckpt_dir", tiny_dir, "--tokenizer_path", tiny_dir / "tokenizer.model",
+            "--temperature", "0", "--max_gen_len", "8", "--speculative", "ngram", "--speculative_tokens", "3"]
+    run = python(*[ROOT / args[0], *args[1:]])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == plain
+
+
+def test_server_with_speculative_flag(tiny_dir, small_draft_dir, generator):
+    """python -m llama.server --speculative DRAFT: concurrent greedy completions (continuous
+    batching: 4 requests on 2 rows) equal the plain generator's."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from servers import free_port, server_cmd, start, stop
+    from test_server import expected_completion
+
+    port = free_port()
+    proc = start(server_cmd(tiny_dir, port, "--max_seq_len", 256, "--max_batch_size", 2,
+                            "--speculative", small_draft_dir, "--speculative_tokens", 2), port)
+    try:
+        def ask(prompt):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                           json={"prompt": prompt, "max_tokens": 16, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(4) as pool:  # 4 requests, 2 rows: rows join a running batch
+            answers = list(pool.map(ask, PROMPTS[:4]))
+        assert answers == [expected_completion(generator, p, 16) for p in PROMPTS[:4]]
+    finally:
+        assert stop(proc) == 0
