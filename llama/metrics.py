@@ -9,6 +9,7 @@ Each server has its own registry (no process-wide state). Metric names start wit
 - llama_time_per_output_token_seconds: a finished answer's time after its first text, per later token
 - llama_prefix_cache_hit_ratio: share of prompt tokens looked up that the prefix cache served (server.main wires it)
 - llama_kv_blocks_in_use: prefix-cache blocks holding tokens (server.main wires it)
+- llama_speculative_acceptance_rate, llama_speculative_tokens_per_forward: with --speculative (server.main wires them)
 """
 
 from typing import Callable, Iterable
@@ -46,6 +47,12 @@ class Metrics:
         self.prefix_cache_hit_ratio = Gauge("llama_prefix_cache_hit_ratio",
                                             "Share of prompt tokens served from the prefix cache", registry=r)
         self.kv_blocks_in_use = Gauge("llama_kv_blocks_in_use", "KV-cache blocks holding tokens", registry=r)
+        self.speculative_acceptance_rate = Gauge(
+            "llama_speculative_acceptance_rate", "Share of proposed tokens the target accepted (speculative decoding)",
+            registry=r)
+        self.speculative_tokens_per_forward = Gauge(
+            "llama_speculative_tokens_per_forward", "Tokens made per row per target forward (speculative decoding)",
+            registry=r)
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Read the running and waiting counts from these functions at every scrape."""

@@ -517,6 +517,10 @@ def main(argv=None) -> None:
     if cache is not None and state.metrics is not None:  # read when /metrics is scraped
         state.metrics.prefix_cache_hit_ratio.set_function(lambda: cache.hit_tokens / max(cache.lookup_tokens, 1))
         state.metrics.kv_blocks_in_use.set_function(lambda: cache.blocks)
+    spec = generator.engine.speculative_stats
+    if spec is not None and state.metrics is not None:
+        state.metrics.speculative_acceptance_rate.set_function(lambda: spec.acceptance_rate)
+        state.metrics.speculative_tokens_per_forward.set_function(lambda: spec.tokens_per_forward)
     state.scheduler = scheduler
     if rank == 0:
         print("llama.server: ready", file=sys.stderr)

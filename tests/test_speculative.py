@@ -409,5 +409,15 @@ def test_server_with_speculative_flag(tiny_dir, small_draft_dir, generator):
         with ThreadPoolExecutor(4) as pool:  # 4 requests, 2 rows: rows join a running batch
             answers = list(pool.map(ask, PROMPTS[:4]))
         assert answers == [expected_completion(generator, p, 16) for p in PROMPTS[:4]]
+        # what speculation does not apply is refused, naming the field; /metrics shows its statistics
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"prompt": "x", "max_tokens": 4, "temperature": 1, "seed": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+        from prometheus_client import parser
+
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=60).text
+        got = {s.name: s.value for f in parser.text_string_to_metric_families(text) for s in f.samples}
+        assert 0 <= got["llama_speculative_acceptance_rate"] <= 1
+        assert 1 <= got["llama_speculative_tokens_per_forward"] <= 3  # at most k + 1 = 3 per forward
     finally:
         assert stop(proc) == 0
