@@ -33,12 +33,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from generate import step_weight_bytes  # noqa: E402
 from llama import distributed  # noqa: E402
 from llama.engine import Engine  # noqa: E402
-from llama.kernels import QuantizedWeight  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
-from llama.parallel import ParallelEmbedding  # noqa: E402
 from llama.quantization import choose_scheme, input_widths, quantize_model  # noqa: E402
 from llama.sampling import SamplingParams  # noqa: E402
 
@@ -129,21 +129,6 @@ def random_model(args: ModelArgs, dtype: torch.dtype, device: torch.device, seed
         state[key] = t
     model.load_state_dict(state, assign=True, strict=True)
     return model.requires_grad_(False)
-
-
-def weight_bytes(model: Transformer) -> int:
-    """Bytes a batch-1 decode step reads of the weights: every one but the embedding table."""
-    seen, total = set(), 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if weight is None or isinstance(module, ParallelEmbedding):
-            continue
-        tensors = [weight.data, weight.scales] if isinstance(weight, QuantizedWeight) else [weight]
-        for t in tensors:
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.nbytes
-    return total
 
 
 class Bench:
@@ -290,7 +275,7 @@ def main(argv=None) -> None:
                 model = random_model(args, torch.bfloat16, device)
                 if precision != "bfloat16":
                     quantize_model(model, choose_scheme(precision, None, input_widths(args, 1)))
-                models[precision] = {"model": model, "bytes": weight_bytes(model), "engines": {}}
+                models[precision] = {"model": model, "bytes": step_weight_bytes(model), "engines": {}}
             entry = models[precision]
             if mode not in entry["engines"]:
                 entry["engines"][mode] = Engine(entry["model"], compile=mode == "compiled")
