@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llama", "llama.*"]),
+    package_data={"llama": ["gemv.c"]},  # the CPU kernels' source, compiled on first use (llama/native.py)
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.5",  # scaled_dot_product_attention with grouped-query attention

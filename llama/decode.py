@@ -66,6 +66,8 @@ class CompiledDecode:
             if isinstance(weight, QuantizedWeight):
                 torch._dynamo.mark_static_address(weight.data)
                 torch._dynamo.mark_static_address(weight.scales)
+                if weight.zeros is not None:
+                    torch._dynamo.mark_static_address(weight.zeros)
         cuda = model.device.type == "cuda"
         self.compiled = torch.compile(self._step, mode="reduce-overhead" if cuda else None, dynamic=False)
         self.caches: Dict[int, KVCache] = {}

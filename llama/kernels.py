@@ -1,13 +1,19 @@
 """`linear`: the one seam every projection of the model goes through, and the low-precision weight
-formats it applies with PyTorch's own kernels.
+formats it applies.
 
 Every weight matrix of the Transformer is applied here, so a new weight format or a faster kernel
 for a device plugs in at this one place. A projection's weight is a float tensor, or a
-`QuantizedWeight`: int8 values with a scale per output row (`torch.ops.aten._weight_int8pack_mm`),
-or 4-bit values with a scale and a zero per group of input columns, packed for the device's int4
-kernel (`_weight_int4pack_mm_for_cpu` on the CPU, `_weight_int4pack_mm` on CUDA). Both kernels
-take bfloat16 activations (PyTorch's int8 kernel is about 10x slower on float32 ones on the CPU)
-and accumulate in float32; results come back in the activations' dtype.
+`QuantizedWeight`: int8 values with a scale per output row, or 4-bit values with a scale and a
+zero per group of input columns. Which kernel multiplies:
+- on the CPU, a few rows (decoding): the project's own matrix-vector kernels (llama/native.py,
+  llama/gemv.c), which read the weights at about the memory's bandwidth, for every format;
+- otherwise PyTorch's: `F.linear` for float weights, `torch.ops.aten._weight_int8pack_mm` for
+  int8, and for int4 `_weight_int4pack_mm(_for_cpu)` on its packed layout (on a CPU with the
+  project's kernels, int4 is held in theirs); on the CPU many rows (a prompt) multiply the
+  weights widened to bfloat16 with PyTorch's bfloat16 product, which beats its int8 and int4
+  kernels there (int8 values are exact in bfloat16; int4's dequantized values are rounded to it).
+The quantized kernels take bfloat16 activations (PyTorch's int8 kernel is about 10x slower on
+float32 ones on the CPU) and accumulate in float32; results come back in the activations' dtype.
 """
 
 from dataclasses import dataclass
@@ -15,6 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from llama import native
 
 ACTIVATIONS = torch.bfloat16  # what the quantized kernels multiply; also the dtype of their scales
 INT4_DEVICES = "the CPU, or a CUDA GPU of compute capability 8.0 or newer (A100, H100, RTX 30xx and later)"
@@ -26,10 +34,12 @@ class QuantizedWeight:
     PyTorch's kernel on its device: what a parallel layer holds in place of its float weight."""
 
     format: str  # "int8" or "int4"
-    data: torch.Tensor  # int8: (N, K) int8; int4: the device's packed 4-bit layout (opaque)
-    scales: torch.Tensor  # int8: (N,) scales; int4: (K / group_size, N, 2) scales and zeros; bfloat16
+    data: torch.Tensor  # int8: (N, K) int8; int4: a packed 4-bit layout (opaque)
+    scales: torch.Tensor  # int8: (N,) scales; int4: PyTorch's (K / group_size, N, 2) scales and zeros,
+    #                       or the project's kernels' (N, K / group_size) scales; bfloat16
     group_size: int  # input columns that share a scale (int8: all K of a row)
     shape: Tuple[int, int]  # (N, K) of the float weight it stands for
+    zeros: Optional[torch.Tensor] = None  # int4 in the project's kernels' layout: (N, K / group_size)
 
     @property
     def device(self) -> torch.device:
@@ -38,7 +48,7 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes of values and scales (what one matrix-vector product reads)."""
-        return self.data.nbytes + self.scales.nbytes
+        return self.data.nbytes + self.scales.nbytes + (0 if self.zeros is None else self.zeros.nbytes)
 
 
 def linear(x: torch.Tensor, weight) -> torch.Tensor:
@@ -48,6 +58,9 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight)
     rows = x.numel() // x.shape[-1]
+    kind = native.float_kind(weight, rows)
+    if kind is not None:
+        return native.matvec(x, kind, weight)
     if x.device.type == "cpu" and 1 < rows <= 128:
         return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
@@ -55,6 +68,19 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
 
 def quantized_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """x W^T with W quantized: the activations in bfloat16, the result in x's dtype."""
+    rows = x.numel() // x.shape[-1]
+    n, k = weight.shape
+    if weight.zeros is not None:  # int4 in the project's kernels' layout
+        if rows <= native.MAX_ROWS or torch.compiler.is_compiling():
+            return native.matvec(x, "int4", weight.data, weight.scales, weight.zeros, weight.group_size, n)
+        w = native.dequantize_int4(weight.data, weight.scales, weight.zeros, weight.group_size, weight.shape)
+        return F.linear(x.to(ACTIVATIONS), w).to(x.dtype)
+    if weight.format == "int8" and weight.device.type == "cpu":
+        if rows <= native.MAX_ROWS and k % native.CHUNK == 0 and native.available():
+            return native.matvec(x, "int8", weight.data, weight.scales)
+        if rows > native.MAX_ROWS:  # PyTorch's bfloat16 product beats its int8 kernel here (2.5x at 512 rows)
+            y = F.linear(x.to(ACTIVATIONS), weight.data.to(ACTIVATIONS))  # int8 values are exact in bfloat16
+            return (y.float() * weight.scales.float()).to(x.dtype)
     a = x.reshape(-1, x.shape[-1]).to(ACTIVATIONS).contiguous()  # (rows, K)
     if weight.format == "int8":
         y = torch.ops.aten._weight_int8pack_mm(a, weight.data, weight.scales)
@@ -99,6 +125,10 @@ def int4_weight(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     per group of `group_size` input columns a scale and a zero (N, K / group_size); the weight is
     (values - 8) * scale + zero. Packed here, for the device: the layouts differ."""
     n, k = values.shape
+    if device.type == "cpu" and k % native.INT4_CHUNK == 0 and native.available():
+        # copies, so that no tensor here keeps a memory-mapped checkpoint file (and what was read of it) alive
+        return QuantizedWeight("int4", native.pack_int4(values), scales.to(ACTIVATIONS, copy=True), group_size,
+                               (n, k), zeros.to(ACTIVATIONS, copy=True))
     if n % 16:
         raise ValueError(
             f"PyTorch's int4 kernels need a multiple of 16 output rows per process; a projection here has {n}: "

@@ -15,6 +15,7 @@ import torch
 
 from device import DEVICE, need_processes, subprocess_env
 from llama import Llama
+from llama import native
 from llama.kernels import QuantizedWeight, int4_weight, linear, quantized_device_problem
 from llama.memory import estimate, weight_bytes
 from llama.model import ModelArgs
@@ -245,8 +246,26 @@ def test_mp2_tracks_one_process(request, mp2_results, ckpt, mode):
     expected = logits(one)
     atol = 4 * torch.finfo(torch.bfloat16).eps * expected.abs().max().item()
     torch.testing.assert_close(two["logits"], expected, rtol=0, atol=atol)
-    assert two["completion"] == [g["generation"] for g in one.text_completion(PROMPTS, temperature=0, max_gen_len=12)]
+    for prompt, answer in zip(PROMPTS, two["completion"]):
+        assert_same_greedy_answer(one, prompt, answer, atol)
     assert "".join(two["stream"]) == two["completion"][0]
+
+
+def assert_same_greedy_answer(generator: Llama, prompt: str, answer: str, atol: float) -> None:
+    """`answer` (from another process count) is the generator's greedy answer to `prompt`, but for
+    a tie: they may part at a step whose two best logits are within `atol` (the rounding the logits
+    are allowed to differ by), where greedy decoding is a coin toss between the two."""
+    prompt_tokens = generator.tokenizer.encode(prompt, bos=True, eos=False)
+    tokens = generator.generate([prompt_tokens], max_gen_len=12, temperature=0)[0][0]
+    ours = generator.tokenizer.decode(tokens)
+    if answer == ours:
+        return
+    part = next(i for i in range(len(tokens) + 1) if not answer.startswith(generator.tokenizer.decode(tokens[:i + 1])))
+    generator.model.cache = None
+    with torch.inference_mode():
+        step = generator.model.forward(torch.tensor([prompt_tokens + tokens[:part]]), 0)[0, -1]
+    best, second = step.topk(2).values.tolist()
+    assert best - second <= atol, (answer, ours, part, best - second)
 
 
 def test_mp2_groups_that_would_cross_a_slice(mp2_results):
@@ -494,8 +513,10 @@ def test_devices_without_kernels(monkeypatch):
     assert quantized_device_problem("int8", torch.device("cuda", 0)) is None
 
 
-def test_int4_needs_rows_in_sixteens():
+def test_int4_needs_rows_in_sixteens(monkeypatch):
+    """PyTorch's int4 layout takes output rows in sixteens (the project's CPU kernels take any)."""
     values = torch.zeros(24, 64, dtype=torch.uint8)
     scales = torch.ones(24, 2)
+    monkeypatch.setattr(native, "available", lambda: False)
     with pytest.raises(ValueError, match="multiple of 16 output rows .* has 24: use quantize='int8'"):
         int4_weight(values, scales, scales, 32, torch.device("cpu"))

@@ -1,0 +1,145 @@
+"""The project's CPU matrix-vector kernels (llama/gemv.c through llama/native.py): each format's
+product against a float64 one of the same weights within a bound derived from what the kernel
+rounds, the tails and tiles of its loops, the seam choosing it, and the fallback where it cannot
+serve (PyTorch's kernels, the same answers)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import native
+from llama.kernels import QuantizedWeight, linear
+from llama.quantization import Scheme, dequantize, kernel_weight, quantize
+
+ROOT = Path(__file__).resolve().parent.parent
+U = torch.finfo(torch.bfloat16).eps / 2  # bfloat16's unit roundoff
+NEEDS = pytest.mark.skipif(not native.available(), reason=f"the project's CPU kernels cannot serve here: {native.why_not()}")
+
+
+def operands(rows: int, k: int, n: int = 40, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g) * 0.05
+
+
+def within(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, x_rounding: float) -> bool:
+    """|got - x w^T| <= (x_rounding + K 2**-23) sum_k |x_k| |w_ik| elementwise, in float64: each
+    term is off by what rounding x costs (x_rounding |x_k| |w_ik|), and float32 sums of K terms by
+    at most K 2**-24 of the terms' magnitudes (doubled for the final sum across lanes)."""
+    x, w = x.double(), w.double()
+    bound = (x_rounding + x.shape[1] * 2**-23) * (x.abs() @ w.abs().T)
+    return bool(((got.double() - x @ w.T).abs() <= bound).all())
+
+
+@NEEDS
+@pytest.mark.parametrize("k", [32, 96, 512, 576])  # a tail of 32 columns after whole chunks of 64 included
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16])  # whole tiles of 4 rows and partial ones
+def test_float_kernels(rows, k):
+    x, w = operands(rows, k)
+    assert within(native.matvec(x, "float32", w), x, w, 0)
+    wb = w.bfloat16()
+    assert within(native.matvec(x, "bfloat16", wb), x, wb.float(), U)  # x rounded to bfloat16
+
+
+@NEEDS
+@pytest.mark.parametrize("k", [32, 96, 576])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
+def test_int8_kernel(rows, k):
+    x, w = operands(rows, k)
+    t = quantize(w, Scheme("int8"))
+    got = native.matvec(x, "int8", t.values, t.scale)
+    assert within(got, x, dequantize(t), U)  # the row's scale multiplies a float32 sum: within 2**-24 of it
+
+
+@NEEDS
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 16])
+def test_int4_kernel(rows, group):
+    x, w = operands(rows, 256 if group < 128 else 512)
+    w[3] += 4.0  # groups far from zero: the zero term carries them
+    t = quantize(w, Scheme("int4", group))
+    weight = kernel_weight(t, torch.device("cpu"))
+    assert weight.zeros is not None and weight.data.shape == (40, w.shape[1] // 2)
+    got = native.matvec(x, "int4", weight.data, weight.scales, weight.zeros, group, 40)
+    # x rounded to bfloat16 (U |x_k| |w_ik| a term); then float32 sums of scale * q x and of
+    # (zero - 8 scale) x, K 2**-23 of those terms' magnitudes
+    deq = dequantize(t).double()
+    q = t.values.double()
+    s = t.scale.double().repeat_interleave(group, 1)
+    c = t.zero.double().repeat_interleave(group, 1) - 8 * s
+    xd = x.double()
+    bound = U * (xd.abs() @ deq.abs().T) + w.shape[1] * 2**-23 * (xd.abs() @ (q * s.abs() + c.abs()).T)
+    assert ((got.double() - xd @ deq.T).abs() <= bound).all()
+
+
+@NEEDS
+def test_int4_packing_round_trips():
+    g = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 16, (8, 192), generator=g, dtype=torch.uint8)
+    packed = native.pack_int4(values)
+    low, high = packed & 15, packed >> 4
+    unpacked = torch.stack([low.view(8, 3, 32), high.view(8, 3, 32)], dim=2).reshape(8, 192)
+    assert torch.equal(unpacked, values)
+
+
+@NEEDS
+def test_linear_takes_the_kernels_for_few_rows_only(monkeypatch):
+    """`linear` sends up to MAX_ROWS rows of a float or int8 product to these kernels, more to PyTorch's."""
+    calls = []
+    monkeypatch.setattr(native, "run", lambda *a: calls.append(a[1]) or torch.zeros(a[0].shape[0], a[6]))
+    x, w = operands(1, 64)
+    for weight in (w, w.bfloat16(), kernel_weight(quantize(w, Scheme("int8")), torch.device("cpu"))):
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) else x.dtype
+        linear(x.to(dtype), weight)
+        linear(torch.randn(native.MAX_ROWS + 1, 64, dtype=dtype), weight)
+    assert calls == ["float32", "bfloat16", "int8"]
+
+
+@NEEDS
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_many_rows_match_few_rows(mode):
+    """A prompt's rows (PyTorch's bfloat16 product of the widened weights) and a decode step's (these
+    kernels) give the same products up to bfloat16 rounding."""
+    x, w = operands(40, 256)
+    weight = kernel_weight(quantize(w, Scheme(mode, None if mode == "int8" else 64)), torch.device("cpu"))
+    assert isinstance(weight, QuantizedWeight)
+    together = linear(x, weight)
+    alone = torch.cat([linear(x[i:i + 1], weight) for i in range(40)])
+    torch.testing.assert_close(together, alone, rtol=4 * U, atol=4 * U * together.abs().max().item())
+
+
+def run_python(code: str, **env) -> str:
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_fallback_when_turned_off_gives_the_same_answers(tiny_dir):
+    """LLAMA_NATIVE=0 turns the kernels off (why_not says so) and PyTorch's give the same greedy answers."""
+    code = f"""
+from llama import Llama, native
+g = Llama.build({str(tiny_dir)!r}, {str(tiny_dir / 'tokenizer.model')!r}, 64, 2, device="cpu", dtype="float32")
+print(repr(native.why_not()), g.generate([[1, 5, 9, 30], [1, 7]], 8, temperature=0)[0])
+"""
+    off = run_python(code, LLAMA_NATIVE="0").splitlines()[-1]
+    assert off.startswith("'LLAMA_NATIVE=0'")
+    on = run_python(code).splitlines()[-1]
+    assert on.split(" ", 1)[1] == off.split(" ", 1)[1]
+
+
+def test_compiles_once_into_the_cache_folder(tmp_path):
+    """The library is built into LLAMA_NATIVE_CACHE on first use and reused from there; a missing
+    compiler is a reason, not an error."""
+    code = "from llama import native; print(native.kernels() is not None, repr(native.why_not()))"
+    first = run_python(code, LLAMA_NATIVE_CACHE=str(tmp_path))
+    built = list(tmp_path.glob("gemv-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert run_python(code, LLAMA_NATIVE_CACHE=str(tmp_path)) == first
+    assert built[0].stat().st_mtime_ns == stamp
+    missing = run_python(code, LLAMA_NATIVE_CACHE=str(tmp_path / "other"), CC="no-such-compiler")
+    assert missing.strip() == "False \"no C compiler ('no-such-compiler' not found; set CC)\""
