@@ -45,7 +45,7 @@ static __m512bh* to_bf16(const float* x, int64_t M, int64_t K) {
 /* Each kernel computes one output row n for a tile of up to TILE rows of x at once, so that a
  * weight chunk is loaded (and widened) once for the whole tile; `tile` is a constant where it is
  * called, so the compiler keeps the accumulators in registers. */
-#define TILE 4
+#define TILE 8
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define FOR_TILES(M, body)                                                                      \
     for (int64_t m0 = 0; m0 < (M); m0 += TILE) {                                                \
@@ -53,7 +53,11 @@ static __m512bh* to_bf16(const float* x, int64_t M, int64_t K) {
             case 1: body(1); break;                                                             \
             case 2: body(2); break;                                                             \
             case 3: body(3); break;                                                             \
-            default: body(4); break;                                                            \
+            case 4: body(4); break;                                                             \
+            case 5: body(5); break;                                                             \
+            case 6: body(6); break;                                                             \
+            case 7: body(7); break;                                                             \
+            default: body(8); break;                                                            \
         }                                                                                       \
     }
 

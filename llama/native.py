@@ -125,19 +125,19 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
 def run(x: torch.Tensor, kind: str, data: torch.Tensor, scales: Optional[torch.Tensor], zeros: Optional[torch.Tensor],
         group_size: int, n: int) -> torch.Tensor:
     """y (M, n) float32 = x (M, K) W^T, W in `kind`'s layout (see gemv.c); x is float32 and contiguous."""
-    lib = kernels()
+    lib = build()[0]
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
     threads = torch.get_num_threads()
-    p = lambda t: t.data_ptr()
     if kind == "float32":
-        lib.gemv_f32(p(x), m, k, p(data), n, p(y), threads)
+        lib.gemv_f32(x.data_ptr(), m, k, data.data_ptr(), n, y.data_ptr(), threads)
     elif kind == "bfloat16":
-        lib.gemv_bf16(p(x), m, k, p(data), n, p(y), threads)
+        lib.gemv_bf16(x.data_ptr(), m, k, data.data_ptr(), n, y.data_ptr(), threads)
     elif kind == "int8":
-        lib.gemv_int8(p(x), m, k, p(data), p(scales), n, p(y), threads)
+        lib.gemv_int8(x.data_ptr(), m, k, data.data_ptr(), scales.data_ptr(), n, y.data_ptr(), threads)
     else:
-        lib.gemv_int4(p(x), m, k, p(data), p(scales), p(zeros), group_size, n, p(y), threads)
+        lib.gemv_int4(x.data_ptr(), m, k, data.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size, n,
+                      y.data_ptr(), threads)
     return y
 
 
@@ -156,11 +156,16 @@ def _(x, kind, data, scales, zeros, group_size, n):
 def matvec(x: torch.Tensor, kind: str, data: torch.Tensor, scales: Optional[torch.Tensor] = None,
            zeros: Optional[torch.Tensor] = None, group_size: int = 0, n: Optional[int] = None) -> torch.Tensor:
     """x (..., K) W^T in x's dtype, through the kernels: called directly when eager (a few
-    microseconds), as the custom op when torch.compile traces it."""
+    microseconds: this runs some 100 times a token), as the custom op when torch.compile traces it."""
     n = data.shape[0] if n is None else n
-    a = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    a = x.reshape(-1, x.shape[-1])
+    if a.dtype != torch.float32:
+        a = a.float()
+    if not a.is_contiguous():
+        a = a.contiguous()
     if torch.compiler.is_compiling():
         y = gemv(a, kind, data, scales, zeros, group_size, n)
     else:
         y = run(a, kind, data, scales, zeros, group_size, n)
-    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+    y = y.view(*x.shape[:-1], n)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
