@@ -16,6 +16,7 @@ from tqdm import tqdm
 from llama import gguf, hf, hub
 from llama.checkpoint import UNUSED_KEYS, ShardReader, read_params, shard_paths
 from llama.checks import check_int, is_int
+from llama.huge_pages import move_weights
 from llama.kernels import quantized_device_problem
 from llama.model import ModelArgs, Transformer
 from llama.parallel import shard_dim
@@ -260,6 +261,9 @@ def load_model(
             check_finite(key, loaded[key], stored[key], folder)
     model.load_state_dict(loaded, assign=True, strict=True)
     model.requires_grad_(False)
+    del loaded
+    if device.type == "cpu":
+        move_weights(model)
     return model
 
 
