@@ -69,9 +69,11 @@ class CompiledDecode:
                 if weight.zeros is not None:
                     torch._dynamo.mark_static_address(weight.zeros)
         cuda = model.device.type == "cuda"
-        # On the CPU a step is short enough that checking every weight's size and stride on every
-        # call costs a few percent; the shapes here are fixed by construction.
-        options = None if cuda else {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
+        # On the CPU a decode step is a few milliseconds, so its overhead counts: the step's wrapper
+        # runs as C++ (not Python) and does not check every weight's size and stride on every call
+        # (the shapes here are fixed by construction). Measured: int8 study model 10.2 -> 7.7 ms a token.
+        options = None if cuda else {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False,
+                                     "scalar_asserts": False}
         self.compiled = torch.compile(self._step, mode="reduce-overhead" if cuda else None, dynamic=False,
                                       options=options)
         self.caches: Dict[int, KVCache] = {}
