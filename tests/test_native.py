@@ -4,6 +4,7 @@ rounds, the tails and tiles of its loops, the seam choosing it, and the fallback
 serve (PyTorch's kernels, the same answers)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,8 @@ print(repr(native.why_not()), g.generate([[1, 5, 9, 30], [1, 7]], 8, temperature
 def test_compiles_once_into_the_cache_folder(tmp_path):
     """The library is built into LLAMA_NATIVE_CACHE on first use and reused from there; a missing
     compiler is a reason, not an error."""
+    if shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler here: the kernels are not built (PyTorch's serve)")
     code = "from llama import native; print(native.kernels() is not None, repr(native.why_not()))"
     first = run_python(code, LLAMA_NATIVE_CACHE=str(tmp_path))
     built = list(tmp_path.glob("gemv-*.so"))
