@@ -141,14 +141,16 @@ def run(x: torch.Tensor, kind: str, data: torch.Tensor, scales: Optional[torch.T
     return y
 
 
-@torch.library.custom_op("llama::gemv", mutates_args=())
-def gemv(x: torch.Tensor, kind: str, data: torch.Tensor, scales: Optional[torch.Tensor],
-         zeros: Optional[torch.Tensor], group_size: int, n: int) -> torch.Tensor:
-    """`run` as an operator torch.compile can trace (its result's shape is all it needs to know)."""
-    return run(x, kind, data, scales, zeros, group_size, n)
+# `run` as an operator torch.compile can trace (its result's shape is all it needs to know). Defined
+# with the low-level registration: a call through the dispatcher costs about 4 microseconds more
+# than `run` itself, where torch.library.custom_op's wrapper costs 11, and a compiled decode step
+# makes some 100 of them.
+OPERATORS = torch.library.Library("llama", "DEF")
+OPERATORS.define("gemv(Tensor x, str kind, Tensor data, Tensor? scales, Tensor? zeros, int group_size, int n) -> Tensor")
+OPERATORS.impl("gemv", run, "CPU")
 
 
-@gemv.register_fake
+@torch.library.register_fake("llama::gemv")
 def _(x, kind, data, scales, zeros, group_size, n):
     return x.new_empty(x.shape[0], n, dtype=torch.float32)
 
@@ -164,7 +166,7 @@ def matvec(x: torch.Tensor, kind: str, data: torch.Tensor, scales: Optional[torc
     if not a.is_contiguous():
         a = a.contiguous()
     if torch.compiler.is_compiling():
-        y = gemv(a, kind, data, scales, zeros, group_size, n)
+        y = torch.ops.llama.gemv(a, kind, data, scales, zeros, group_size, n)
     else:
         y = run(a, kind, data, scales, zeros, group_size, n)
     y = y.view(*x.shape[:-1], n)
