@@ -7,12 +7,13 @@ and 40 GB/s from 2 MiB ones. Linux gives huge pages to anonymous memory advised 
 (MADV_HUGEPAGE) where /sys/kernel/mm/transparent_hugepage/enabled is "always" or "madvise", the
 common default. So `move_weights` copies a built model's weights (float parameters and the tensors
 of quantized weights) into one such mapping, one tensor at a time, each original freed as its
-copy lands (for a memory-mapped checkpoint, the file's pages are released). Elsewhere it does
-nothing. The answers do not change: the same values, at other addresses.
+copy lands (for a memory-mapped checkpoint, the file's pages are released). Elsewhere, or with
+LLAMA_HUGE_PAGES=0, it does nothing. The answers do not change: the same values, at other addresses.
 """
 
 import dataclasses
 import mmap
+import os
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -27,7 +28,11 @@ SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def available() -> bool:
-    """Whether this system gives huge pages to memory advised for them."""
+    """Whether this system gives huge pages to memory advised for them (and LLAMA_HUGE_PAGES is not
+    0: with it, a bfloat16 checkpoint in Meta's layout stays memory-mapped, shared with other
+    processes mapping the same file and read as first used, at about half the decoding speed)."""
+    if os.environ.get("LLAMA_HUGE_PAGES", "1") == "0":
+        return False
     try:
         setting = SETTING.read_text()
     except OSError:

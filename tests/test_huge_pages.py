@@ -61,3 +61,11 @@ def test_nothing_is_done_where_huge_pages_are_not_given(monkeypatch):
     ptr = model.embed.weight.data_ptr()
     assert huge_pages.move_weights(model) == 0
     assert model.embed.weight.data_ptr() == ptr
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("LLAMA_HUGE_PAGES", "0")
+    assert not huge_pages.available()
+    model = Tied()
+    ptr = model.embed.weight.data_ptr()
+    assert huge_pages.move_weights(model) == 0 and model.embed.weight.data_ptr() == ptr
