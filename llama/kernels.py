@@ -76,7 +76,7 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
         w = native.dequantize_int4(weight.data, weight.scales, weight.zeros, weight.group_size, weight.shape)
         return F.linear(x.to(ACTIVATIONS), w).to(x.dtype)
     if weight.format == "int8" and weight.device.type == "cpu":
-        if rows <= native.MAX_ROWS and k % native.CHUNK == 0 and native.available():
+        if native.takes(rows, k, weight.device):
             return native.matvec(x, "int8", weight.data, weight.scales)
         if rows > native.MAX_ROWS:  # PyTorch's bfloat16 product beats its int8 kernel here (2.5x at 512 rows)
             y = F.linear(x.to(ACTIVATIONS), weight.data.to(ACTIVATIONS))  # int8 values are exact in bfloat16
@@ -125,7 +125,7 @@ def int4_weight(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     per group of `group_size` input columns a scale and a zero (N, K / group_size); the weight is
     (values - 8) * scale + zero. Packed here, for the device: the layouts differ."""
     n, k = values.shape
-    if device.type == "cpu" and k % native.INT4_CHUNK == 0 and native.available():
+    if native.takes(0, k, device, native.INT4_CHUNK):  # held in the kernels' layout on the CPU
         # copies, so that no tensor here keeps a memory-mapped checkpoint file (and what was read of it) alive
         return QuantizedWeight("int4", native.pack_int4(values), scales.to(ACTIVATIONS, copy=True), group_size,
                                (n, k), zeros.to(ACTIVATIONS, copy=True))

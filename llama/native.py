@@ -92,14 +92,20 @@ def why_not() -> str:
     return build()[1]
 
 
+def takes(rows: int, k: int, device: torch.device, chunk: int = CHUNK) -> bool:
+    """Whether these kernels take a product of `rows` rows of width `k` on `device` (and beat
+    PyTorch's there): a few rows, on the CPU, k a multiple of `chunk` (INT4_CHUNK for int4)."""
+    return rows <= MAX_ROWS and device.type == "cpu" and k % chunk == 0 and available()
+
+
 FLOAT_KINDS = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
 def float_kind(weight: torch.Tensor, rows: int) -> Optional[str]:
     """The kernel for x (rows, K) times a float weight (N, K) ("float32" or "bfloat16"), or None
     where PyTorch's product does as well or these kernels cannot take it."""
-    if (rows > MAX_ROWS or weight.device.type != "cpu" or weight.dtype not in FLOAT_KINDS or weight.dim() != 2
-            or weight.shape[1] % CHUNK or not weight.is_contiguous() or not available()):
+    if (weight.dtype not in FLOAT_KINDS or weight.dim() != 2 or not weight.is_contiguous()
+            or not takes(rows, weight.shape[1], weight.device)):
         return None
     return FLOAT_KINDS[weight.dtype]
 
