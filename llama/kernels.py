@@ -12,8 +12,9 @@ zero per group of input columns. Which kernel multiplies:
   project's kernels, int4 is held in theirs); on the CPU many rows (a prompt) multiply the
   weights widened to bfloat16 with PyTorch's bfloat16 product, which beats its int8 and int4
   kernels there (int8 values are exact in bfloat16; int4's dequantized values are rounded to it).
-The quantized kernels take bfloat16 activations (PyTorch's int8 kernel is about 10x slower on
-float32 ones on the CPU) and accumulate in float32; results come back in the activations' dtype.
+PyTorch's quantized kernels take bfloat16 activations (its int8 kernel is about 10x slower on
+float32 ones on the CPU), the project's take them rounded to int16 per block of 128 columns (more
+precise than bfloat16); all accumulate in float32, and results come back in the activations' dtype.
 """
 
 from dataclasses import dataclass

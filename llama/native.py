@@ -29,6 +29,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 16  # rows of x (a decode batch) up to which these kernels beat PyTorch's products
 CHUNK = 32  # K must be a multiple of this (of INT4_CHUNK for int4 weights)
 INT4_CHUNK = 64
+X_BLOCK = 128  # the integer kernels round x to int16 in blocks of this many columns, a scale each (gemv.c XB)
 
 
 def cache_folder() -> Path:
