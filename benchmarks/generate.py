@@ -203,31 +203,58 @@ def build_ours(ckpt, tokenizer_path, device, dtype, max_seq_len, compile, precis
 
 
 class LlamaCpp:
-    """llama.cpp at one weight type, measured by benchmarks/llama_cpp_worker.py in the Python that has
-    llama-cpp-python (all types in one call: `run_llama_cpp`); its figures are filled in afterwards."""
+    """llama.cpp at one weight type: its figures come from `LlamaCppWorker`."""
 
-    def __init__(self, kind: str, result: dict, gguf_path: Path):
-        self.name, self.build_s = f"llama.cpp, {kind}", None
-        self.seconds, self.tokens = result["seconds"], result["ragged_tokens"]
+    def __init__(self, kind: str, ready: dict, gguf_path: Path):
+        self.name, self.build_s, self.tokens = f"llama.cpp, {kind}", None, ready["ragged_tokens"]
         reader = gguf.GGUFReader(str(gguf_path))  # bytes a decode step reads: all but the embedding table
         self.weight_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
 
 
-def run_llama_cpp(python: str, ckpt: Path, work: Path, workloads: dict, decode_len: int, repeat: int) -> list:
-    """Export `ckpt` to an F32 GGUF (python -m llama.convert to-gguf), let llama.cpp quantize it to
-    BF16, Q8_0 and Q4_0, and time each on the same prompts; returns a LlamaCpp per type."""
-    f32 = work / "model-F32.gguf"
-    write_gguf(str(ckpt), str(f32), "f32", show_progress=False)
-    request = {"types": list(LLAMA_CPP_TYPES), "threads": torch.get_num_threads(), "repeat": repeat,
-               "decode_len": decode_len, "prefill": workloads["prefill"][0][0], "short": workloads["decode_b1"][0][0],
-               "ragged": workloads["ragged"][0], "ragged_new": RAGGED_NEW}
-    (work / "request.json").write_text(json.dumps(request))
-    run = subprocess.run([python, str(ROOT / "benchmarks" / "llama_cpp_worker.py"), str(f32), str(work),
-                          str(work / "request.json")], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise SystemExit(f"llama.cpp worker failed: {run.stderr[-2000:]}")
-    results = json.loads(run.stdout.strip().splitlines()[-1])
-    return [LlamaCpp(kind, results[kind], f32 if kind == "F32" else work / f"model-{kind}.gguf") for kind in results]
+class LlamaCppWorker:
+    """llama.cpp at each of LLAMA_CPP_TYPES, in benchmarks/llama_cpp_worker.py run by the Python that
+    has llama-cpp-python: `ckpt` exported to an F32 GGUF (python -m llama.convert to-gguf), which
+    llama.cpp's quantizer turns into BF16, Q8_0 and Q4_0. Every model stays loaded; `time(workload)`
+    runs a workload once on each, between this package's runs of it, so that both meet the machine
+    in the same state (a shared VM's speed drifts by tens of percent within minutes)."""
+
+    WORKLOADS = {"prefill": "prefill", "decode_b1_first": "decode_first", "decode_b1": "decode", "ragged": "ragged"}
+
+    def __init__(self, python: str, ckpt: Path, work: Path, workloads: dict, decode_len: int):
+        f32 = work / "model-F32.gguf"
+        write_gguf(str(ckpt), str(f32), "f32", show_progress=False)
+        request = {"types": list(LLAMA_CPP_TYPES), "threads": torch.get_num_threads(), "decode_len": decode_len,
+                   "prefill": workloads["prefill"][0][0], "short": workloads["decode_b1"][0][0],
+                   "ragged": workloads["ragged"][0], "ragged_new": RAGGED_NEW}
+        (work / "request.json").write_text(json.dumps(request))
+        self.errors = (work / "llama_cpp.log").open("w+")
+        self.proc = subprocess.Popen([python, str(ROOT / "benchmarks" / "llama_cpp_worker.py"), str(f32), str(work),
+                                      str(work / "request.json")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.errors, text=True)
+        ready = self._reply()
+        self.systems = [LlamaCpp(kind, ready[kind], f32 if kind == "F32" else work / f"model-{kind}.gguf")
+                        for kind in ready]
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.errors.seek(0)
+            raise SystemExit(f"llama.cpp worker failed: {self.errors.read()[-2000:]}")
+        return json.loads(line)
+
+    def time(self, workload: str) -> dict:
+        """{system name: seconds} of one run of `workload` (this package's name for it) per type;
+        {} for a workload the worker does not run (batch 8: its Python API runs one sequence)."""
+        if workload not in self.WORKLOADS:
+            return {}
+        self.proc.stdin.write(self.WORKLOADS[workload] + "\n")
+        self.proc.stdin.flush()
+        return {f"llama.cpp, {kind}": seconds for kind, seconds in self._reply().items()}
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.errors.close()
 
 
 def read_bandwidth() -> float:
@@ -345,26 +372,30 @@ def main():
         if not isinstance(s, Reference):
             for prompts, n in workloads.values():
                 s.run(prompts, n)
-    same = [answers[s.name] == answers[ours.name] for s in systems]
-    times = {s.name: {w: [] for w in workloads} for s in systems}
+    cpp = None
+    if a.llama_cpp:
+        if a.model:
+            raise SystemExit("--llama_cpp runs on --shape checkpoints (the SmolLM2 GGUF is already llama.cpp's)")
+        cpp = LlamaCppWorker(a.llama_cpp, ckpt, Path(tmp.name), workloads, a.decode_len)
+        answers.update({c.name: c.tokens for c in cpp.systems})
+    times = {s.name: {w: [] for w in workloads} for s in systems + (cpp.systems if cpp else [])}
+    bandwidths = []
     for _ in range(a.repeat):
         for w, (prompts, n) in workloads.items():
             for s in systems:
                 if isinstance(s, Reference) and w != "ragged":
                     continue  # for one prompt or equal lengths it is the same loop as ours
                 times[s.name][w].append(timed(lambda: s.run(prompts, n), device))
+            for name, seconds in (cpp.time(w) if cpp else {}).items():
+                times[name][w].append(seconds)
+        if device.type == "cpu":  # the machine's bandwidth drifts too: sampled beside each repetition
+            bandwidths.append(read_bandwidth())
+    if cpp:
+        cpp.close()
+        systems += cpp.systems
+    same = [answers[s.name] == answers[ours.name] for s in systems]
     med = {s: {w: statistics.median(v) for w, v in ws.items() if v} for s, ws in times.items()}
-    if a.llama_cpp:
-        if a.model:
-            raise SystemExit("--llama_cpp runs on --shape checkpoints (the SmolLM2 GGUF is already llama.cpp's)")
-        for cpp in run_llama_cpp(a.llama_cpp, ckpt, Path(tmp.name), workloads, a.decode_len, a.repeat):
-            systems.append(cpp)
-            answers[cpp.name] = cpp.tokens
-            same.append(cpp.tokens == answers[ours.name])
-            sec = cpp.seconds
-            med[cpp.name] = {"prefill": sec["prefill"], "decode_b1_first": sec["decode_first"], "decode_b1": sec["decode"],
-                             "ragged": sec["ragged"]}
-    bandwidth = read_bandwidth() if device.type == "cpu" else None
+    bandwidth = statistics.median(bandwidths) if bandwidths else None
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     label = a.model or a.shape
@@ -372,7 +403,8 @@ def main():
           f"{device}{' (' + gpu + ')' if gpu else ''}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"greedy answers on the ragged batch equal this package's: {dict(zip([s.name for s in systems], same))}")
     if bandwidth:
-        print(f"read bandwidth (a plain sum over 1 GiB, {torch.get_num_threads()} threads): {bandwidth:.1f} GB/s")
+        print(f"read bandwidth (a plain sum over 1 GiB, {torch.get_num_threads()} threads, median of one measurement "
+              f"per repetition): {bandwidth:.1f} GB/s (measured {', '.join(f'{b:.1f}' for b in bandwidths)})")
     print("| system | build (s) | weights read per token (MB) | prefill (tok/s) | decode b1 (tok/s) | decode b1 read "
           "(GB/s) | decode b8 (tok/s) | ragged (s) |")
     print("|---|---|---|---|---|---|---|---|")

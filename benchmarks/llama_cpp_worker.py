@@ -3,19 +3,21 @@ llama-cpp-python (it needs neither torch nor this package), on a GGUF export of 
 
     PYTHON_WITH_LLAMA_CPP benchmarks/llama_cpp_worker.py MODEL_F32.gguf WORK_DIR REQUEST.json
 
-REQUEST.json: {"types": ["F32", "BF16", "Q8_0", "Q4_0"], "threads": 2, "repeat": 3, "decode_len": 48,
+REQUEST.json: {"types": ["F32", "BF16", "Q8_0", "Q4_0"], "threads": 2, "decode_len": 48,
 "prefill": [ids], "short": [ids], "ragged": [[ids], ...], "ragged_new": 16}. Each type other than F32
-is made from the F32 file with llama.cpp's own quantizer (llama_model_quantize). Prints one JSON
-line: per type, the file's bytes, median seconds of prefill, of decode (decode_len new tokens after
-the short prompt, and 1 new token, so the difference is decode alone), of the ragged prompts (one
-after another: the Python API runs one sequence at a time), and the greedy tokens of the ragged
-prompts, to compare with this package's.
+is made from the F32 file with llama.cpp's own quantizer (llama_model_quantize). Every type is
+loaded and warmed up, then the worker prints one JSON line (per type: the file's bytes and the
+greedy tokens of the ragged prompts, to compare with this package's) and serves its caller, which
+interleaves llama.cpp's runs with its own so that both meet the same machine: for each line read,
+a workload's name, it runs that workload once with each type and prints one JSON line of seconds
+per type. Workloads: prefill; decode_first and decode (1 and decode_len new tokens after the
+short prompt, so their difference is decode alone); ragged (the prompts one after another: the
+Python API runs one sequence at a time). It exits at the end of its input.
 """
 
 import ctypes
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -60,26 +62,37 @@ def timed(fn):
 
 def main() -> None:
     f32, work, request = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
-    threads, repeat = request["threads"], request["repeat"]
-    results = {}
+    threads = request["threads"]
+    n_ctx = max(len(request["prefill"]), max(map(len, request["ragged"]))) + request["decode_len"] + 32
+    models, ready = {}, {}
     for kind in request["types"]:
         path = quantized(f32, work, kind, threads)
-        n_ctx = max(len(request["prefill"]), max(map(len, request["ragged"]))) + request["decode_len"] + 32
-        llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                              verbose=False)
-        work_items = {
-            "prefill": lambda: generate(llm, request["prefill"], 1),
-            "decode_first": lambda: generate(llm, request["short"], 1),
-            "decode": lambda: generate(llm, request["short"], request["decode_len"] + 1),
-            "ragged": lambda: [generate(llm, p, request["ragged_new"]) for p in request["ragged"]],
-        }
-        for fn in work_items.values():  # warm up
-            fn()
-        times = {k: statistics.median(timed(fn) for _ in range(repeat)) for k, fn in work_items.items()}
-        results[kind] = {"bytes": os.path.getsize(path), "seconds": times,
-                         "ragged_tokens": [generate(llm, p, request["ragged_new"]) for p in request["ragged"]]}
-        del llm
-    print(json.dumps(results))
+        models[kind] = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                                       n_threads_batch=threads, verbose=False)
+        ready[kind] = {"bytes": os.path.getsize(path), "ragged_tokens": workload(models[kind], request, "ragged")}
+    for llm in models.values():  # warm up
+        for name in WORKLOADS:
+            workload(llm, request, name)
+    print(json.dumps(ready), flush=True)
+    for line in sys.stdin:
+        name = line.strip()
+        print(json.dumps({kind: timed(lambda: workload(llm, request, name)) for kind, llm in models.items()}),
+              flush=True)
+
+
+WORKLOADS = ("prefill", "decode_first", "decode", "ragged")
+
+
+def workload(llm, request: dict, name: str):
+    if name == "prefill":
+        return generate(llm, request["prefill"], 1)
+    if name == "decode_first":
+        return generate(llm, request["short"], 1)
+    if name == "decode":
+        return generate(llm, request["short"], request["decode_len"] + 1)
+    if name == "ragged":
+        return [generate(llm, p, request["ragged_new"]) for p in request["ragged"]]
+    raise SystemExit(f"unknown workload {name!r}: one of {', '.join(WORKLOADS)}")
 
 
 if __name__ == "__main__":

@@ -253,3 +253,26 @@ def test_compiled_decode_gives_the_same_answers(tiny_dir, generator):
         assert_logprobs_close(a["logprobs"], b["logprobs"], atol=1e-4)
     tokens = compiled.generate([[1, 5], [1, 7, 9, 11]], 6, temperature=0, stop_token=stop)[0]
     assert tokens == generator.generate([[1, 5], [1, 7, 9, 11]], 6, temperature=0, stop_token=stop)[0]
+
+
+def test_compiled_decode_compiles_each_shape_once(tiny_dir, generator):
+    """The compiled step compiles once per (rows, cache length) bucket and reuses it: batches of
+    different sizes taking turns (each turn past the first runs only the guards that tell the
+    compiled shapes apart) and positions moving through the cache (on the CPU the step attends
+    over the positions in use, a length it is compiled for symbolically) give the eager answers
+    without compiling again."""
+    from torch._dynamo.utils import counters
+
+    compiled = Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 128, 4, device=DEVICE,
+                           dtype="float32", compile=True)
+    batches = [[[1, 5, 9]], [[1, 7], [1, 3, 4, 5, 6, 8], [1, 2]]]
+    for prompts in batches:  # compile both shapes first
+        compiled.generate(prompts, 4, temperature=0, stop_token=-1)
+    graphs = counters["stats"]["unique_graphs"]
+    for turn in range(2):
+        for prompts in batches:
+            n = 20 + 30 * turn  # later turns decode further into the cache
+            got = compiled.generate(prompts, n, temperature=0, stop_token=-1)[0]
+            assert got == generator.generate(prompts, n, temperature=0, stop_token=-1)[0]
+    assert compiled.engine.decoder.broken is None
+    assert counters["stats"]["unique_graphs"] == graphs
