@@ -276,3 +276,18 @@ def test_compiled_decode_compiles_each_shape_once(tiny_dir, generator):
             assert got == generator.generate(prompts, n, temperature=0, stop_token=-1)[0]
     assert compiled.engine.decoder.broken is None
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_decode_follows_a_growing_cache(tiny_dir, generator):
+    """When a longer batch grows the cache to new tensors of a new length, the compiled step sees
+    the new shape (it keeps dynamo's guards on its inputs, the cache length among them) and
+    compiles for it: answers stay the eager ones before and after."""
+    compiled = Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 600, 2, device=DEVICE,
+                           dtype="float32", compile=True)
+    eager = Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 600, 2, device=DEVICE, dtype="float32")
+    long_prompt = [1] + [3 + i % 50 for i in range(290)]
+    for prompts, n in (([[1, 5, 9]], 8), ([long_prompt], 12), ([[1, 7, 2]], 8)):
+        assert compiled.generate(prompts, n, temperature=0, stop_token=-1)[0] == \
+            eager.generate(prompts, n, temperature=0, stop_token=-1)[0]
+    assert compiled.engine.decoder.caches[1].seq_len == 512
+    assert compiled.engine.decoder.broken is None
