@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from llama.kernels import QuantizedWeight
+from llama.parallel import shared_inputs
 
 HUGE_PAGE = 2 * 2**20
 ALIGN = 64  # each tensor starts on a cache line
@@ -42,14 +43,22 @@ def available() -> bool:
 
 def weights(model: nn.Module) -> List[Tuple[nn.Module, str]]:
     """(module, name) of every weight the model holds: its parameters, and the tensors of its
-    QuantizedWeights (named "weight.data", "weight.scales", "weight.zeros")."""
+    QuantizedWeights (named "weight.data", "weight.scales", "weight.zeros"), in the order they are
+    laid out: first, for the layers of each parallel.SharedInput (a block's wq, wk and wv; w1 and
+    w3), each kind of tensor of theirs one after another (all values, then all scales, then all
+    zeros), so that each kind stacks into one (kernels.join); then the rest, in module order."""
     found = []
     for module in model.modules():
         found += [(module, name) for name, _ in module.named_parameters(recurse=False)]
         weight = getattr(module, "weight", None)
         if isinstance(weight, QuantizedWeight):
             found += [(module, f"weight.{f}") for f in ("data", "scales", "zeros") if getattr(weight, f) is not None]
-    return found
+    listed = set(found)
+    grouped = [(layer, name) for group in shared_inputs(model)
+               for name in ("weight", "weight.data", "weight.scales", "weight.zeros")
+               for layer in group.layers if (layer, name) in listed]
+    first = set(grouped)
+    return grouped + [entry for entry in found if entry not in first]
 
 
 def get(module: nn.Module, name: str) -> torch.Tensor:

@@ -67,6 +67,44 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def join(weights) -> Optional[object]:
+    """One weight standing for `weights` stacked by output rows, as views of the memory they
+    already occupy, so that one product computes them all: where they are float tensors of one
+    dtype, or QuantizedWeights of one format and group size in a row-wise layout (int8, or int4
+    in the project's kernels' layout), all of one input width, and each tensor of each lies right
+    after the previous one's (huge_pages.move_weights lays out the projections that read the same
+    input so). None otherwise."""
+    first = weights[0]
+    if isinstance(first, QuantizedWeight):
+        if not all(isinstance(w, QuantizedWeight) for w in weights) or (first.format == "int4" and first.zeros is None):
+            return None
+        if len({(w.format, w.group_size, w.shape[1]) for w in weights}) != 1:
+            return None
+        fields = {f: stacked([getattr(w, f) for w in weights]) for f in ("data", "scales", "zeros")
+                  if getattr(first, f) is not None}
+        if None in fields.values():
+            return None
+        return QuantizedWeight(first.format, fields["data"], fields["scales"], first.group_size,
+                               (sum(w.shape[0] for w in weights), first.shape[1]), fields.get("zeros"))
+    if not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights):
+        return None
+    if len({(w.dtype, w.shape[1]) for w in weights}) != 1:
+        return None
+    return stacked([w.detach() for w in weights])
+
+
+def stacked(tensors) -> Optional[torch.Tensor]:
+    """`tensors` (contiguous, one dtype, equal trailing sizes) concatenated along dimension 0, as a
+    view of the memory they occupy; None unless each starts where the previous one ends."""
+    first = tensors[0]
+    for a, b in zip(tensors, tensors[1:]):
+        if not (a.is_contiguous() and b.is_contiguous() and a.dtype == b.dtype and a.device == b.device
+                and a.shape[1:] == b.shape[1:] and b.data_ptr() == a.data_ptr() + a.nbytes):
+            return None
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
+
+
 def quantized_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """x W^T with W quantized: the activations in bfloat16, the result in x's dtype."""
     rows = x.numel() // x.shape[-1]

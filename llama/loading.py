@@ -19,7 +19,7 @@ from llama.checks import check_int, is_int
 from llama.huge_pages import move_weights
 from llama.kernels import quantized_device_problem
 from llama.model import ModelArgs, Transformer
-from llama.parallel import shard_dim
+from llama.parallel import shard_dim, shared_inputs
 from llama.quantization import (
     PARAMS_KEY,
     QuantizedTensors,
@@ -263,7 +263,9 @@ def load_model(
     model.requires_grad_(False)
     del loaded
     if device.type == "cpu":
-        move_weights(model)
+        move_weights(model)  # the projections that read one input laid out one after another:
+        for group in shared_inputs(model):  # each such group is one product from now on
+            group.join()
     return model
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from llama.parallel import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, world_size
+from llama.parallel import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, SharedInput, world_size
 
 
 @dataclass
@@ -198,6 +198,7 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, gather_output=False)
         self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, gather_output=False)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
+        self.wqkv = SharedInput(self.wq, self.wk, self.wv)
 
     def forward(
         self,
@@ -209,9 +210,10 @@ class Attention(nn.Module):
         plan: AttentionPlan,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).reshape(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).reshape(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).reshape(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k, v = self.wqkv(x)
+        q = q.reshape(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = k.reshape(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = v.reshape(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
 
@@ -240,9 +242,11 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
         self.w2 = RowParallelLinear(hidden_dim, dim)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
+        self.w13 = SharedInput(self.w1, self.w3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

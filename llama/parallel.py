@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from llama.kernels import QuantizedWeight, linear
+from llama.kernels import QuantizedWeight, join, linear
 
 
 def world_size() -> int:
@@ -78,6 +78,43 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(linear(x, self.weight))
+
+
+class SharedInput(nn.Module):
+    """Column-parallel layers (gather_output=False) that read the same input, as a block's wq, wk
+    and wv, or w1 and w3: applied as one product once `join` finds their weights laid out one
+    after another (huge_pages.move_weights lays them so), else one product each. The answers are
+    the same; one product of 1536 rows reads its weights faster than three of 1024, 256 and 256,
+    and a decoding step makes 36 calls fewer on a 12-layer model. The layers stay registered where
+    they are (and so in the state dict); a joined float weight is a buffer outside the state dict,
+    so that `model.to(dtype)` converts it with them. Whoever replaces a layer's weight otherwise
+    joins again (a joined weight is views of the old ones)."""
+
+    def __init__(self, *layers: ColumnParallelLinear):
+        super().__init__()
+        assert not any(layer.gather_output for layer in layers)
+        self.layers = tuple(layers)  # a tuple: not registered as this module's children
+        self.sizes = [layer.output_size_per_partition for layer in layers]
+        self.register_buffer("joined_float", None, persistent=False)
+        self.joined_quantized: Optional[QuantizedWeight] = None
+
+    def join(self) -> bool:
+        """Apply the layers as one product from now on, where their weights allow; whether they do."""
+        joined = join([layer.weight for layer in self.layers])
+        self.joined_float = joined if isinstance(joined, torch.Tensor) else None
+        self.joined_quantized = joined if isinstance(joined, QuantizedWeight) else None
+        return joined is not None
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        joined = self.joined_float if self.joined_float is not None else self.joined_quantized
+        if joined is None:
+            return tuple(layer(x) for layer in self.layers)
+        return linear(x, joined).split(self.sizes, dim=-1)
+
+
+def shared_inputs(model: nn.Module):
+    """Every SharedInput among the model's modules."""
+    return [module for module in model.modules() if isinstance(module, SharedInput)]
 
 
 class ParallelEmbedding(fs_layers.ParallelEmbedding):
