@@ -5,6 +5,7 @@ runs a torch.compile'd step (CUDA graphs on a GPU) on static caches of a few siz
 also says which KV cache a batch of a given size decodes on, so that the engine can fit it.
 """
 
+import types
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -51,17 +52,20 @@ LIMITS = {name: value for name, value in {"recompile_limit": RECOMPILE_LIMIT, "f
           if hasattr(torch._dynamo.config, name)}  # both exist since PyTorch 2.6
 
 
-STEP_INPUTS = tuple(f"L['{name}']" for name in ("token", "pos", "length", "span"))  # dynamo's names for them
+STEP_INPUTS = ("token", "pos", "length", "span")  # the compiled step's arguments
 
 
 def guards_on_inputs(entries) -> List[bool]:
     """Which of dynamo's guards the compiled step keeps: those on its inputs (their shapes and
     dtypes), not the thousand on the model it reads (each module, weight and cache tensor: 0.5 ms
-    a step on the CPU). Those hold by construction: the weights are fixed once built, and the
-    cache the step reads is the one the engine chose, of (rows, cache length) = (the rows of
-    `token`, the length of `length`), so a different cache shape is a different input shape, and
-    compiles. Should dynamo name its inputs otherwise, every guard is kept."""
-    keep = [entry.name.startswith(STEP_INPUTS) for entry in entries]
+    a step on the CPU). Those hold by construction: each CompiledDecode compiles a code object of
+    its own (dynamo keeps compiled code per code object), so its compiled steps only ever see its
+    own model, whose weights are fixed once built; and the cache the step reads is the one the
+    engine chose, of (rows, cache length) = (the rows of `token`, the length of `length`), so a
+    different cache shape is a different input shape, and compiles. Should dynamo name its inputs
+    otherwise, every guard is kept."""
+    bracketed = tuple(f"L['{name}']" for name in STEP_INPUTS)  # dynamo's spelling before 2.13
+    keep = [entry.name in STEP_INPUTS or entry.name.startswith(bracketed) for entry in entries]
     return keep if any(keep) else [True] * len(entries)
 
 
@@ -95,8 +99,10 @@ class CompiledDecode:
         if not cuda:
             options.update({"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False,
                             "scalar_asserts": False})
-        self.compiled = torch.compile(self._step, mode="reduce-overhead" if cuda else None, dynamic=False,
-                                      options=options)
+        own = CompiledDecode._step  # as a function of this instance's own code object (see guards_on_inputs)
+        step = types.FunctionType(own.__code__.replace(), own.__globals__, own.__name__, own.__defaults__)
+        self.compiled = torch.compile(types.MethodType(step, self), mode="reduce-overhead" if cuda else None,
+                                      dynamic=False, options=options)
         self.caches: Dict[int, KVCache] = {}
         self.broken: Optional[str] = None
 
@@ -123,7 +129,8 @@ class CompiledDecode:
         """Only the lengths of `length` (the cache's) and `span` (how many cache positions to attend
         over; default all) are read."""
         model = self.model
-        h = model.hidden(token[:, None], pos, kv_len=(length if span is None else span).shape[0])
+        cache_len = length.shape[0]  # read, so that dynamo guards its (static) length
+        h = model.hidden(token[:, None], pos, kv_len=cache_len if span is None else span.shape[0])
         return model.logits(h[:, -1])
 
     def __call__(self, token: torch.Tensor, pos: torch.Tensor, pos_host: List[int]) -> torch.Tensor:

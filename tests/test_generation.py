@@ -291,3 +291,19 @@ def test_compiled_decode_follows_a_growing_cache(tiny_dir, generator):
             eager.generate(prompts, n, temperature=0, stop_token=-1)[0]
     assert compiled.engine.decoder.caches[1].seq_len == 512
     assert compiled.engine.decoder.broken is None
+
+
+def test_compiled_models_side_by_side_keep_their_own_steps(tiny_dir, generator):
+    """Two compiled models in one process (another dtype and weight format, the same shapes) each
+    run their own compiled step: each gives its eager twin's answers."""
+    def build(**kw):
+        return Llama.build(str(tiny_dir), str(tiny_dir / "tokenizer.model"), 128, 2, device=DEVICE, **kw)
+
+    pairs = [(build(dtype="float32", compile=True), generator), (build(dtype="bfloat16", compile=True),
+             build(dtype="bfloat16"))]
+    prompts = [[1, 5, 9], [1, 7]]
+    for _ in range(2):  # taking turns
+        for compiled, eager in pairs:
+            assert compiled.generate(prompts, 6, temperature=0, stop_token=-1) == \
+                eager.generate(prompts, 6, temperature=0, stop_token=-1)
+            assert compiled.engine.decoder.broken is None
