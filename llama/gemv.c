@@ -46,10 +46,12 @@ static __m512bh* to_bf16(const float* x, int64_t M, int64_t K) {
     return xb;
 }
 
-/* Each kernel computes one output row n for a tile of up to TILE rows of x at once, so that a
- * weight chunk is loaded (and widened) once for the whole tile; `tile` is a constant where it is
- * called, so the compiler keeps the accumulators in registers. */
+/* Each kernel computes one output row n for a tile of up to TILE rows of x at once (WIDE_TILE for
+ * the float kernels, which need fewer registers a row), so that a weight chunk is loaded (and
+ * widened) once for the whole tile: up to 16 rows (a speculative verify pass, a batch) read the
+ * weights once. `tile` is a constant where it is called, so the accumulators stay in registers. */
 #define TILE 8
+#define WIDE_TILE 16
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define FOR_TILES(M, body)                                                                      \
     for (int64_t m0 = 0; m0 < (M); m0 += TILE) {                                                \
@@ -65,14 +67,40 @@ static __m512bh* to_bf16(const float* x, int64_t M, int64_t K) {
         }                                                                                       \
     }
 
+#define FOR_WIDE_TILES(M, body)                                                                 \
+    for (int64_t m0 = 0; m0 < (M); m0 += WIDE_TILE) {                                           \
+        switch ((M) - m0 < WIDE_TILE ? (M) - m0 : WIDE_TILE) {                                  \
+            case 1: body(1); break;                                                             \
+            case 2: body(2); break;                                                             \
+            case 3: body(3); break;                                                             \
+            case 4: body(4); break;                                                             \
+            case 5: body(5); break;                                                             \
+            case 6: body(6); break;                                                             \
+            case 7: body(7); break;                                                             \
+            case 8: body(8); break;                                                             \
+            case 9: body(9); break;                                                             \
+            case 10: body(10); break;                                                           \
+            case 11: body(11); break;                                                           \
+            case 12: body(12); break;                                                           \
+            case 13: body(13); break;                                                           \
+            case 14: body(14); break;                                                           \
+            case 15: body(15); break;                                                           \
+            default: body(16); break;                                                           \
+        }                                                                                       \
+    }
+
+/* Two accumulators a row (alternate halves of each chunk: two dependency chains) where the tile
+ * leaves registers for them, one beyond 8 rows. */
 ALWAYS_INLINE void row_f32(const float* x, int64_t K, const float* wr, int64_t N, float* y, const int tile) {
-    __m512 a[TILE], b[TILE];
+    const int two = tile <= TILE;
+    __m512 a[WIDE_TILE], b[WIDE_TILE];
     for (int j = 0; j < tile; j++) a[j] = b[j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
         __m512 w0 = _mm512_loadu_ps(wr + k), w1 = _mm512_loadu_ps(wr + k + 16);
         for (int j = 0; j < tile; j++) {
             a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k), w0, a[j]);
-            b[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k + 16), w1, b[j]);
+            if (two) b[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k + 16), w1, b[j]);
+            else a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k + 16), w1, a[j]);
         }
     }
     for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
@@ -82,7 +110,7 @@ void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, f
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
 #define F32(t) row_f32(x + m0 * K, K, w + n * K, N, y + m0 * N + n, t)
-        FOR_TILES(M, F32)
+        FOR_WIDE_TILES(M, F32)
     }
 }
 
@@ -91,14 +119,16 @@ void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, f
 #define ROW_BF16(name, type, widen)                                                             \
     ALWAYS_INLINE void name(const __m512bh* xb, int64_t K, const type* wr, float* y, int64_t N,  \
                             float scale, const int tile) {                                      \
-        __m512 a[TILE], b[TILE];                                                                \
+        const int two = tile <= TILE;                                                           \
+        __m512 a[WIDE_TILE], b[WIDE_TILE];                                                      \
         for (int j = 0; j < tile; j++) a[j] = b[j] = _mm512_setzero_ps();                       \
         int64_t k = 0;                                                                          \
         for (; k + 64 <= K; k += 64) {                                                          \
             __m512bh w0 = widen(wr, k), w1 = widen(wr, k + 32);                                 \
             for (int j = 0; j < tile; j++) {                                                    \
                 a[j] = _mm512_dpbf16_ps(a[j], xb[j * K / 32 + k / 32], w0);                     \
-                b[j] = _mm512_dpbf16_ps(b[j], xb[j * K / 32 + k / 32 + 1], w1);                 \
+                if (two) b[j] = _mm512_dpbf16_ps(b[j], xb[j * K / 32 + k / 32 + 1], w1);        \
+                else a[j] = _mm512_dpbf16_ps(a[j], xb[j * K / 32 + k / 32 + 1], w1);            \
             }                                                                                   \
         }                                                                                       \
         if (k < K) {                                                                            \
@@ -117,7 +147,7 @@ void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t 
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
 #define BF16(t) row_bf16(xb + m0 * K / 32, K, w + n * K, y + m0 * N + n, N, 1.0f, t)
-        FOR_TILES(M, BF16)
+        FOR_WIDE_TILES(M, BF16)
     }
     free(xb);
 }
