@@ -140,7 +140,9 @@ class CompiledDecode:
         if rows > n:  # rows that are padding or finished write at position 0 of unused cache rows
             token = torch.cat([token, token.new_zeros(rows - n)])
             pos = torch.cat([pos, pos.new_zeros(rows - n)])
-        length = torch.empty(self.model.cache.seq_len, dtype=torch.int8, device=token.device)
+        # the cache's length, in the weights' dtype: a model converted after building (model.to)
+        # is a new input dtype to the guards, and compiles anew
+        length = torch.empty(self.model.cache.seq_len, dtype=self.model.output.weight.dtype, device=token.device)
         span = None
         if self.attend_used:  # at least 2: dynamo specialises lengths 0 and 1
             span = torch.empty(max(2, max(pos_host) + 1), dtype=torch.int8, device=token.device)
