@@ -18,7 +18,7 @@ precise than bfloat16); all accumulate in float32, and results come back in the 
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,7 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def join(weights) -> Optional[object]:
+def join(weights) -> Union[torch.Tensor, QuantizedWeight, None]:
     """One weight standing for `weights` stacked by output rows, as views of the memory they
     already occupy, so that one product computes them all: where they are float tensors of one
     dtype, or QuantizedWeights of one format and group size in a row-wise layout (int8, or int4
