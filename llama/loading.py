@@ -19,7 +19,7 @@ from llama.checks import check_int, is_int
 from llama.huge_pages import move_weights
 from llama.kernels import quantized_device_problem
 from llama.model import ModelArgs, Transformer
-from llama.parallel import shard_dim, shared_inputs
+from llama.parallel import join_shared_inputs, shard_dim
 from llama.quantization import (
     PARAMS_KEY,
     QuantizedTensors,
@@ -264,8 +264,7 @@ def load_model(
     del loaded
     if device.type == "cpu":
         move_weights(model)  # the projections that read one input laid out one after another:
-        for group in shared_inputs(model):  # each such group is one product from now on
-            group.join()
+        join_shared_inputs(model)  # each such group is one product from now on
     return model
 
 

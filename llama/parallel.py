@@ -117,6 +117,12 @@ def shared_inputs(model: nn.Module):
     return [module for module in model.modules() if isinstance(module, SharedInput)]
 
 
+def join_shared_inputs(model: nn.Module) -> None:
+    """(Re)join every SharedInput of the model: after its weights are laid out, or replaced."""
+    for group in shared_inputs(model):
+        group.join()
+
+
 class ParallelEmbedding(fs_layers.ParallelEmbedding):
     """Embedding split along the embedding dimension; the slices are all-gathered."""
 

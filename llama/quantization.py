@@ -32,7 +32,7 @@ from torch import nn
 from llama.checks import is_int
 from llama.kernels import QuantizedWeight, int4_weight, int8_weight
 from llama.model import ModelArgs
-from llama.parallel import all_reduce, set_weight, shard_dim, shared_inputs
+from llama.parallel import all_reduce, join_shared_inputs, set_weight, shard_dim
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # the int4 group sizes PyTorch's kernels take
@@ -285,6 +285,5 @@ def quantize_model(model: nn.Module, scheme: Scheme) -> nn.Module:
     for key, weight in list(model.state_dict().items()):
         if is_projection(key):
             install(model, key, kernel_weight(quantize_shard(key, weight, scheme), weight.device))
-    for group in shared_inputs(model):  # their joined float weights are stale
-        group.join()
+    join_shared_inputs(model)  # their joined float weights are stale
     return model
