@@ -53,9 +53,10 @@ static __m512bh* to_bf16(const float* x, int64_t M, int64_t K) {
 #define TILE 8
 #define WIDE_TILE 16
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-#define FOR_TILES(M, body)                                                                      \
-    for (int64_t m0 = 0; m0 < (M); m0 += TILE) {                                                \
-        switch ((M) - m0 < TILE ? (M) - m0 : TILE) {                                            \
+/* `body(t)` for each tile of rows m0 .. m0+t-1 of M, tiles of up to LIMIT rows (TILE or WIDE_TILE). */
+#define FOR_TILES_UP_TO(LIMIT, M, body)                                                         \
+    for (int64_t m0 = 0; m0 < (M); m0 += (LIMIT)) {                                             \
+        switch ((M) - m0 < (LIMIT) ? (M) - m0 : (LIMIT)) {                                      \
             case 1: body(1); break;                                                             \
             case 2: body(2); break;                                                             \
             case 3: body(3); break;                                                             \
@@ -63,31 +64,22 @@ static __m512bh* to_bf16(const float* x, int64_t M, int64_t K) {
             case 5: body(5); break;                                                             \
             case 6: body(6); break;                                                             \
             case 7: body(7); break;                                                             \
-            default: body(8); break;                                                            \
+            WIDE_CASES_##LIMIT(body)                                                            \
+            default: body(LIMIT); break;                                                        \
         }                                                                                       \
     }
-
-#define FOR_WIDE_TILES(M, body)                                                                 \
-    for (int64_t m0 = 0; m0 < (M); m0 += WIDE_TILE) {                                           \
-        switch ((M) - m0 < WIDE_TILE ? (M) - m0 : WIDE_TILE) {                                  \
-            case 1: body(1); break;                                                             \
-            case 2: body(2); break;                                                             \
-            case 3: body(3); break;                                                             \
-            case 4: body(4); break;                                                             \
-            case 5: body(5); break;                                                             \
-            case 6: body(6); break;                                                             \
-            case 7: body(7); break;                                                             \
-            case 8: body(8); break;                                                             \
-            case 9: body(9); break;                                                             \
-            case 10: body(10); break;                                                           \
-            case 11: body(11); break;                                                           \
-            case 12: body(12); break;                                                           \
-            case 13: body(13); break;                                                           \
-            case 14: body(14); break;                                                           \
-            case 15: body(15); break;                                                           \
-            default: body(16); break;                                                           \
-        }                                                                                       \
-    }
+#define WIDE_CASES_TILE(body)
+#define WIDE_CASES_WIDE_TILE(body)                                                              \
+    case 8: body(8); break;                                                                     \
+    case 9: body(9); break;                                                                     \
+    case 10: body(10); break;                                                                   \
+    case 11: body(11); break;                                                                   \
+    case 12: body(12); break;                                                                   \
+    case 13: body(13); break;                                                                   \
+    case 14: body(14); break;                                                                   \
+    case 15: body(15); break;
+#define FOR_TILES(M, body) FOR_TILES_UP_TO(TILE, M, body)
+#define FOR_WIDE_TILES(M, body) FOR_TILES_UP_TO(WIDE_TILE, M, body)
 
 /* Two accumulators a row (alternate halves of each chunk: two dependency chains) where the tile
  * leaves registers for them, one beyond 8 rows. */
