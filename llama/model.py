@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from llama.attention import FEW_TOKENS, attend
 from llama.parallel import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, SharedInput, world_size
 
 
@@ -160,6 +161,7 @@ class AttentionPlan:
     kv_len: int  # queries attend to cache positions [0, kv_len)
     mask: Union[None, torch.Tensor, CausalBias]  # bool, broadcastable to (B, 1, T, kv_len): True = may attend
     is_causal: bool  # plain causal mask, used when keys are exactly the T new tokens
+    last: Optional[torch.Tensor] = None  # (B, T) int64: the last position each query sees (a few tokens only)
 
 
 def attention_plan(
@@ -168,6 +170,18 @@ def attention_plan(
 ) -> AttentionPlan:
     """kv_len: with per-row positions, 1 + their largest write position (max(start_pos) + seqlen)
     if the caller knows it (saves a sync)."""
+    plan = mask_plan(start_pos, seqlen, rows, device, kv_len)
+    if seqlen <= FEW_TOKENS:  # query t of row b sees positions 0 .. its own, start_pos[b] + t
+        bsz = rows.stop - rows.start
+        plan.last = plan.positions if plan.positions is not None else torch.arange(
+            plan.start, plan.start + seqlen, device=device).expand(bsz, seqlen)
+    return plan
+
+
+def mask_plan(
+    start_pos: Union[int, torch.Tensor], seqlen: int, rows: slice, device: torch.device, kv_len: Optional[int],
+) -> AttentionPlan:
+    """The plan, its visibility said as a mask or is_causal (PyTorch's attention's terms)."""
     if isinstance(start_pos, int):
         kv_len = start_pos + seqlen
         if seqlen == 1:
@@ -215,7 +229,7 @@ class Attention(nn.Module):
         k = k.reshape(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = v.reshape(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D)
 
         if (plan.rows.start, plan.rows.stop) != (0, cache_k.shape[0]):
             cache_k, cache_v = cache_k[plan.rows], cache_v[plan.rows]  # (B, H_kv, S_cache, D)
@@ -229,11 +243,8 @@ class Attention(nn.Module):
         keys = cache_k[:, :, : plan.kv_len]  # (B, H_kv, S, D)
         values = cache_v[:, :, : plan.kv_len]
 
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=plan.mask, is_causal=plan.is_causal,
-            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
-        )  # (B, H, T, D)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        out = attend(q, keys, values, plan.mask, plan.is_causal, plan.last)  # (B, T, H, D)
+        return self.wo(out.reshape(bsz, seqlen, -1))
 
 
 class FeedForward(nn.Module):

@@ -1,15 +1,17 @@
-"""The project's own CPU matrix-vector kernels (llama/gemv.c), compiled for this machine on first use.
+"""The project's own CPU kernels, compiled for this machine on first use: matrix-vector products
+(llama/gemv.c) and attention of a few new tokens over the KV cache (llama/attention.c).
 
 Batch-1 decoding on a CPU is bound by the bytes of weights read per token; PyTorch's products for a
 few rows read them at about half the machine's bandwidth (BENCHMARKS.md). gemv.c reads them at
-about the bandwidth, for float32, bfloat16, int8 and int4 weights. It is compiled once per machine
-and source (`cc -O3 -march=native -fopenmp`, about a second) into a cache folder
-(`$LLAMA_NATIVE_CACHE`, default `~/.cache/codellama/native`) and called through ctypes; inside
-torch.compile'd code through the custom op `llama::gemv`.
+about the bandwidth, for float32, bfloat16, int8 and int4 weights. The C files and llama/ops.cpp,
+which makes them the PyTorch operators `llama::gemv` and `llama::attend` (called from C++ by eager
+code and by torch.compile's generated code alike), are built once per machine and source (`cc -O3
+-march=native -fopenmp`, then `c++` against PyTorch's headers: about ten seconds) into a cache
+folder (`$LLAMA_NATIVE_CACHE`, default `~/.cache/codellama/native`).
 
-Where it cannot serve (no C compiler, a CPU without AVX-512 VNNI and BF16, `LLAMA_NATIVE=0`),
-`kernels()` is None and llama/kernels.py uses PyTorch's kernels: the answers are the same up to
-rounding. `why_not()` says which.
+Where they cannot serve (no C or C++ compiler, a CPU without AVX-512 VNNI and BF16,
+`LLAMA_NATIVE=0`), `kernels()` is None and PyTorch's kernels are used (llama/kernels.py,
+llama/attention.py): the answers are the same up to rounding. `why_not()` says which.
 """
 
 import ctypes
@@ -20,16 +22,34 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
+from torch.utils import cpp_extension
 
-SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+HERE = Path(__file__).parent
+C_SOURCES = [HERE / "gemv.c", HERE / "attention.c"]
+CPP_SOURCE = HERE / "ops.cpp"
+C_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 MAX_ROWS = 16  # rows of x (a decode batch) up to which these kernels beat PyTorch's products
 CHUNK = 32  # K must be a multiple of this (of INT4_CHUNK for int4 weights)
 INT4_CHUNK = 64
 X_BLOCK = 128  # the integer kernels round x to int16 in blocks of this many columns, a scale each (gemv.c XB)
+
+# The operators' schemas; llama/ops.cpp implements them for the CPU when the library loads.
+OPERATORS = torch.library.Library("llama", "DEF")
+OPERATORS.define("gemv(Tensor x, str kind, Tensor data, Tensor? scales, Tensor? zeros, int group_size, int n) -> Tensor")
+OPERATORS.define("attend(Tensor q, Tensor keys, Tensor values, Tensor last) -> Tensor")
+
+
+@torch.library.register_fake("llama::gemv")
+def _(x, kind, data, scales, zeros, group_size, n):
+    return x.new_empty(x.shape[0], n, dtype=torch.float32)
+
+
+@torch.library.register_fake("llama::attend")
+def _(q, keys, values, last):
+    return q.new_empty(q.shape, dtype=torch.float32)
 
 
 def cache_folder() -> Path:
@@ -45,35 +65,56 @@ def cpu_signature() -> str:
         return os.uname().machine
 
 
+def cpp_command(objects: List[str], out: str) -> List[str]:
+    """Link the C objects with ops.cpp, built against this PyTorch."""
+    cxx = os.environ.get("CXX") or "c++"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return ([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+             str(CPP_SOURCE), *objects, "-o", out, "-lm"]
+            + [f"-I{path}" for path in cpp_extension.include_paths()]
+            + [arg for path in cpp_extension.library_paths() for arg in (f"-L{path}", f"-Wl,-rpath,{path}")]
+            + ["-ltorch_cpu", "-lc10"])
+
+
+def compile_library(path: Path) -> str:
+    """Build the library at `path`; "" or why it could not."""
+    cc, cxx = os.environ.get("CC") or "cc", os.environ.get("CXX") or "c++"
+    if not shutil.which(cc):
+        return f"no C compiler ({cc!r} not found; set CC)"
+    if not shutil.which(cxx):
+        return f"no C++ compiler ({cxx!r} not found; set CXX)"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        objects = [str(Path(tmp) / (src.stem + ".o")) for src in C_SOURCES]
+        out = str(Path(tmp) / path.name)
+        steps = [(src.name, [cc, *C_FLAGS, "-c", str(src), "-o", obj]) for src, obj in zip(C_SOURCES, objects)]
+        for name, command in steps + [(CPP_SOURCE.name, cpp_command(objects, out))]:
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                return f"{command[0]} could not compile {name}: {done.stderr.strip()[-500:]}"
+        os.replace(out, path)  # atomic: processes building side by side each install a whole file
+    return ""
+
+
 @functools.lru_cache(maxsize=None)
 def build() -> "tuple[Optional[ctypes.CDLL], str]":
-    """(the compiled library, "") or (None, why not). Compiled once per machine and source."""
+    """(the compiled library, "") or (None, why not). Compiled once per machine and source; loading
+    it registers llama::gemv and llama::attend for the CPU."""
     if os.environ.get("LLAMA_NATIVE", "1") == "0":
         return None, "LLAMA_NATIVE=0"
-    cc = os.environ.get("CC") or "cc"
-    if not shutil.which(cc):
-        return None, f"no C compiler ({cc!r} not found; set CC)"
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc] + FLAGS).encode() + cpu_signature().encode())
-    path = cache_folder() / f"gemv-{key.hexdigest()[:16]}.so"
+    sources = b"".join(src.read_bytes() for src in C_SOURCES + [CPP_SOURCE])
+    key = hashlib.sha256(sources + " ".join(C_FLAGS).encode() + torch.__version__.encode() + cpu_signature().encode())
+    path = cache_folder() / f"kernels-{key.hexdigest()[:16]}.so"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            out = Path(tmp) / path.name
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
-            if done.returncode != 0:
-                return None, f"{cc} could not compile {SOURCE.name}: {done.stderr.strip()[-500:]}"
-            os.replace(out, path)  # atomic: processes building side by side each install a whole file
+        problem = compile_library(path)
+        if problem:
+            return None, problem
     lib = ctypes.CDLL(str(path))
     if not lib.native_supported():
         return None, "this CPU lacks AVX-512 with VNNI and BF16"
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.gemv_f32.argtypes = [ptr, i64, i64, ptr, i64, ptr, i32]
-    lib.gemv_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, i32]
-    lib.gemv_int8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
-    lib.gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, i32]
     lib.dequantize_int4.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i32]
-    for f in (lib.gemv_f32, lib.gemv_bf16, lib.gemv_int8, lib.gemv_int4, lib.dequantize_int4):
-        f.restype = None
+    lib.dequantize_int4.restype = None
     return lib, ""
 
 
@@ -129,52 +170,33 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
     return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
-def run(x: torch.Tensor, kind: str, data: torch.Tensor, scales: Optional[torch.Tensor], zeros: Optional[torch.Tensor],
-        group_size: int, n: int) -> torch.Tensor:
-    """y (M, n) float32 = x (M, K) W^T, W in `kind`'s layout (see gemv.c); x is float32 and contiguous."""
-    lib = build()[0]
-    m, k = x.shape
-    y = torch.empty(m, n, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    if kind == "float32":
-        lib.gemv_f32(x.data_ptr(), m, k, data.data_ptr(), n, y.data_ptr(), threads)
-    elif kind == "bfloat16":
-        lib.gemv_bf16(x.data_ptr(), m, k, data.data_ptr(), n, y.data_ptr(), threads)
-    elif kind == "int8":
-        lib.gemv_int8(x.data_ptr(), m, k, data.data_ptr(), scales.data_ptr(), n, y.data_ptr(), threads)
-    else:
-        lib.gemv_int4(x.data_ptr(), m, k, data.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size, n,
-                      y.data_ptr(), threads)
-    return y
-
-
-# `run` as an operator torch.compile can trace (its result's shape is all it needs to know). Defined
-# with the low-level registration: a call through the dispatcher costs about 4 microseconds more
-# than `run` itself, where torch.library.custom_op's wrapper costs 11, and a compiled decode step
-# makes some 100 of them.
-OPERATORS = torch.library.Library("llama", "DEF")
-OPERATORS.define("gemv(Tensor x, str kind, Tensor data, Tensor? scales, Tensor? zeros, int group_size, int n) -> Tensor")
-OPERATORS.impl("gemv", run, "CPU")
-
-
-@torch.library.register_fake("llama::gemv")
-def _(x, kind, data, scales, zeros, group_size, n):
-    return x.new_empty(x.shape[0], n, dtype=torch.float32)
-
-
 def matvec(x: torch.Tensor, kind: str, data: torch.Tensor, scales: Optional[torch.Tensor] = None,
            zeros: Optional[torch.Tensor] = None, group_size: int = 0, n: Optional[int] = None) -> torch.Tensor:
-    """x (..., K) W^T in x's dtype, through the kernels: called directly when eager (a few
-    microseconds: this runs some 100 times a token), as the custom op when torch.compile traces it."""
+    """x (..., K) W^T in x's dtype, W (n, K) in `kind`'s layout (see gemv.c), through llama::gemv."""
     n = data.shape[0] if n is None else n
     a = x.reshape(-1, x.shape[-1])
     if a.dtype != torch.float32:
         a = a.float()
     if not a.is_contiguous():
         a = a.contiguous()
-    if torch.compiler.is_compiling():
-        y = torch.ops.llama.gemv(a, kind, data, scales, zeros, group_size, n)
-    else:
-        y = run(a, kind, data, scales, zeros, group_size, n)
-    y = y.view(*x.shape[:-1], n)
+    y = torch.ops.llama.gemv(a, kind, data, scales, zeros, group_size, n).view(*x.shape[:-1], n)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
+
+
+def attention_takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether `attend` takes these: a few new tokens on the CPU, a float32 or bfloat16 cache whose
+    head dimension is contiguous and a multiple of 16, keys and values laid out alike."""
+    return (q.shape[1] <= MAX_ROWS and q.device.type == "cpu" and keys.dtype in ATTENTION_DTYPES
+            and values.dtype == keys.dtype and keys.stride() == values.stride() and keys.stride(-1) == 1
+            and keys.shape[-1] % 16 == 0 and q.shape[2] % keys.shape[1] == 0 and available())
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """softmax(q K^T / sqrt(D)) V of q (B, T, H, D) over keys and values (B, H_kv, S, D), query t
+    of row b seeing positions 0 .. min(last[b, t], S - 1): (B, T, H, D) in q's dtype, through
+    llama::attend (see `attention_takes` for what it takes)."""
+    out = torch.ops.llama.attend(q.float().contiguous(), keys, values, last.contiguous())
+    return out if q.dtype == torch.float32 else out.to(q.dtype)

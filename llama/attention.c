@@ -1,0 +1,161 @@
+/* Attention of a few new tokens over the KV cache on the CPU (decoding, a speculative verify pass):
+ * out = softmax(q K^T / sqrt(D)) V per query head, each query seeing cache positions 0 .. its own.
+ * Compiled with gemv.c by llama/native.py; llama/attention.py decides when it serves.
+ *
+ * Why: with one or a few queries, PyTorch's CPU attention costs 30-50 microseconds a call at a
+ * hundred cached positions (a tenth of a decode step of a small model, 12-30 calls a token) and
+ * reads a long cache at about half the memory's bandwidth. This reads each cached key and value
+ * once for all the query heads that share it (grouped-query attention) and all the new tokens.
+ *
+ * How: the work is split into units of (row, KV head, range of positions); a unit computes, for its
+ * g * T queries (g query heads per KV head, T tokens), the scores of the positions each may see,
+ * their maximum m, sum l of exp(score - m) and the exp-weighted sum of values; the units of one
+ * (row, KV head) are then merged (flash-decoding's split of the positions, so that a few KV heads
+ * still keep every thread busy on a long cache).
+ *
+ * Layouts: q and out (B, T, H, D) float32, contiguous; K and V float32 or bfloat16, element
+ * strides (row, head, position) given, D contiguous, S positions; last (B, T) int64: query t of
+ * row b sees positions 0 .. min(last[b, t], S - 1). Head h reads KV head h / (H / Hkv). D % 16 == 0.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+/* exp(x) for x <= 0 (to float32's rounding: range reduction to r in [-ln2/2, ln2/2], a degree-6
+ * polynomial, times 2^n); below -87 it is 0 or about 1e-38, which a sum of exps >= 1 ignores. */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* 16 values of a cached key or value (float32 or bfloat16) as float32. */
+static inline __m512 load16(const void* base, int64_t i, int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float*)base + i);
+    __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)base + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+typedef struct {
+    const float* q;
+    const void *k, *v;
+    const int64_t* last;
+    int64_t T, H, D, Hkv, g, bf16, sb, sh, ss;
+} Problem;
+
+/* One unit: queries of row b, KV head kh, positions s0 .. s1 - 1. Writes each query's m, l and
+ * unnormalised sum of values (D) to m, l, acc. */
+static void unit(const Problem* p, int64_t b, int64_t kh, int64_t s0, int64_t s1, float* m, float* l, float* acc) {
+    const int64_t nq = p->g * p->T, D = p->D, len = s1 - s0, elt = p->bf16 ? 2 : 4;
+    const float scale = 1.0f / sqrtf((float)D);
+    float* sc = (float*)malloc((size_t)(nq * (len + 16)) * sizeof(float));  /* scores, a row per query */
+    int64_t* seen = (int64_t*)malloc((size_t)nq * sizeof(int64_t));            /* positions it sees here */
+    for (int64_t i = 0; i < nq; i++) {
+        int64_t t = i / p->g, last = p->last[b * p->T + t];
+        seen[i] = last < s0 ? 0 : (last + 1 < s1 ? last + 1 : s1) - s0;
+    }
+    const char* kbase = (const char*)p->k + (b * p->sb + kh * p->sh) * elt;
+    const char* vbase = (const char*)p->v + (b * p->sb + kh * p->sh) * elt;
+    for (int64_t s = 0; s < len; s++) {
+        const void* krow = kbase + (s0 + s) * p->ss * elt;
+        for (int64_t i = 0; i < nq; i++) {
+            if (s >= seen[i]) continue;
+            int64_t t = i / p->g, h = kh * p->g + i % p->g;
+            const float* qi = p->q + (b * p->T + t) * p->H * D + h * D;
+            __m512 d = _mm512_setzero_ps();
+            for (int64_t e = 0; e < D; e += 16) d = _mm512_fmadd_ps(_mm512_loadu_ps(qi + e), load16(krow, e, p->bf16), d);
+            sc[i * (len + 16) + s] = _mm512_reduce_add_ps(d) * scale;
+        }
+    }
+    for (int64_t i = 0; i < nq; i++) {
+        float* row = sc + i * (len + 16);
+        int64_t n = seen[i];
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int64_t s = 0; s < n; s += 16) {
+            __mmask16 k = n - s >= 16 ? 0xFFFF : (__mmask16)((1u << (n - s)) - 1);
+            top = _mm512_mask_max_ps(top, k, top, _mm512_maskz_loadu_ps(k, row + s));
+        }
+        float mx = n ? _mm512_reduce_max_ps(top) : -INFINITY;
+        __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mx);
+        for (int64_t s = 0; s < n; s += 16) {
+            __mmask16 k = n - s >= 16 ? 0xFFFF : (__mmask16)((1u << (n - s)) - 1);
+            __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + s), mv)));
+            _mm512_mask_storeu_ps(row + s, k, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        m[i] = mx;
+        l[i] = _mm512_reduce_add_ps(sum);
+        memset(acc + i * D, 0, (size_t)D * sizeof(float));
+    }
+    for (int64_t s = 0; s < len; s++) {
+        const void* vrow = vbase + (s0 + s) * p->ss * elt;
+        for (int64_t e = 0; e < D; e += 16) {
+            __m512 ve = load16(vrow, e, p->bf16);
+            for (int64_t i = 0; i < nq; i++) {
+                if (s >= seen[i]) continue;
+                __m512 a = _mm512_loadu_ps(acc + i * D + e);
+                _mm512_storeu_ps(acc + i * D + e, _mm512_fmadd_ps(_mm512_set1_ps(sc[i * (len + 16) + s]), ve, a));
+            }
+        }
+    }
+    free(sc);
+    free(seen);
+}
+
+void attend(const float* q, int64_t B, int64_t T, int64_t H, int64_t D, const void* k, const void* v, int bf16,
+            int64_t Hkv, int64_t S, int64_t sb, int64_t sh, int64_t ss, const int64_t* last, float* out, int threads) {
+    Problem p = {q, k, v, last, T, H, D, Hkv, H / Hkv, bf16, sb, sh, ss};
+    int64_t span = 0;  /* positions any query sees */
+    for (int64_t i = 0; i < B * T; i++) span = last[i] + 1 > span ? last[i] + 1 : span;
+    span = span < S ? span : S;
+    /* enough units to keep every thread busy, each at least 64 positions */
+    int64_t splits = (2 * threads + B * Hkv - 1) / (B * Hkv), most = (span + 63) / 64;
+    splits = splits < most ? splits : most;
+    splits = splits < 1 ? 1 : splits;
+    int64_t per = (span + splits - 1) / splits, nq = p.g * T, units = B * Hkv * splits;
+    float* m = (float*)malloc((size_t)(units * nq) * sizeof(float));
+    float* l = (float*)malloc((size_t)(units * nq) * sizeof(float));
+    float* acc = (float*)malloc((size_t)(units * nq * D) * sizeof(float));
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t u = 0; u < units; u++) {
+        int64_t b = u / (Hkv * splits), kh = u / splits % Hkv, s0 = u % splits * per;
+        int64_t s1 = s0 + per < span ? s0 + per : span;
+        unit(&p, b, kh, s0, s1 > s0 ? s1 : s0, m + u * nq, l + u * nq, acc + u * nq * D);
+    }
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t kh = 0; kh < Hkv; kh++)
+            for (int64_t i = 0; i < nq; i++) {
+                int64_t u0 = (b * Hkv + kh) * splits, t = i / p.g, h = kh * p.g + i % p.g;
+                float mx = -INFINITY, total = 0;
+                for (int64_t s = 0; s < splits; s++) mx = m[(u0 + s) * nq + i] > mx ? m[(u0 + s) * nq + i] : mx;
+                float* o = out + (b * T + t) * H * D + h * D;
+                memset(o, 0, (size_t)D * sizeof(float));
+                for (int64_t s = 0; s < splits; s++) {
+                    int64_t j = (u0 + s) * nq + i;
+                    if (l[j] == 0) continue;  /* this query sees none of the unit's positions */
+                    float f = expf(m[j] - mx);
+                    total += l[j] * f;
+                    for (int64_t e = 0; e < D; e++) o[e] += acc[j * D + e] * f;
+                }
+                for (int64_t e = 0; e < D; e++) o[e] /= total;
+            }
+    free(m);
+    free(l);
+    free(acc);
+}
+
+#endif
