@@ -34,7 +34,8 @@ from llama.sampling import SamplingParams, sample, sample_rows
 
 NGRAM = "ngram"
 START_K = 4  # adaptive k: the first proposal's length
-MAX_K = 8  # adaptive k: the longest proposal
+MAX_K = 15  # adaptive k: the longest proposal (k + 1 = 16 rows, the widest the CPU kernels take: native.MAX_ROWS)
+REST_AFTER = 2  # adaptive k: verifications in a row with nothing accepted before a row rests from proposing
 MAX_REST = 16  # adaptive k: most steps a row rests from proposing after proposals that all failed
 NGRAM_SIZES = (3, 2)  # prompt lookup matches the last 3 tokens, else the last 2
 MAX_CONTEXT = 16  # prompt lookup: tokens before a match compared to choose among its occurrences
@@ -330,12 +331,14 @@ def adapt_k(k: int, misses: int, proposed: int, accepted: int) -> Tuple[int, int
     """Adaptive k after a verification of `proposed` tokens: (next k, misses, steps to rest).
 
     k grows by 2 (to MAX_K) when every proposal is accepted, else becomes one more than were. After
-    `misses` verifications in a row of which nothing was accepted, the row rests 2, 4, ..
-    MAX_REST steps without proposing: a verify pass of several tokens costs more than a pass of
-    one where compute, not memory, bounds it (a CPU), and text unlike its prompt stays unlike it."""
+    `misses` >= REST_AFTER verifications in a row of which nothing was accepted, the row rests
+    2, 4, .. MAX_REST steps without proposing: a verify pass of several tokens costs more than a
+    pass of one where compute, not memory, bounds it (a CPU), and text unlike its prompt stays
+    unlike it. One miss alone does not rest the row: an answer that copies its prompt with an
+    edit misses once at the edit, then copies again."""
     k = min(k + 2, MAX_K) if accepted == proposed else max(1, accepted + 1)
     misses = 0 if accepted else misses + 1
-    return k, misses, min(2 ** misses, MAX_REST) if misses else 0
+    return k, misses, min(2 ** (misses - REST_AFTER + 1), MAX_REST) if misses >= REST_AFTER else 0
 
 
 class SpeculativeBatch(Batch):

@@ -348,13 +348,16 @@ def test_draft_not_smaller_warns(tiny_dir):
 
 
 def test_adaptive_k():
-    """k grows by 2 to 8 on full acceptance, shrinks to accepted + 1; misses make a row rest 2, 4, .. 16."""
+    """k grows by 2 to 15 on full acceptance, shrinks to accepted + 1; one miss alone does not rest a
+    row, two or more in a row make it rest 2, 4, .. 16 steps."""
     assert speculative.adapt_k(4, 0, 4, 4) == (6, 0, 0)
-    assert speculative.adapt_k(8, 0, 8, 8) == (8, 0, 0)
+    assert speculative.adapt_k(14, 0, 14, 14) == (15, 0, 0)
+    assert speculative.adapt_k(15, 0, 15, 15) == (15, 0, 0)
     assert speculative.adapt_k(6, 0, 6, 2) == (3, 0, 0)
-    assert speculative.adapt_k(3, 0, 3, 0) == (1, 1, 2)
-    assert speculative.adapt_k(1, 1, 1, 0) == (1, 2, 4)
-    assert speculative.adapt_k(1, 5, 1, 0) == (1, 6, 16)
+    assert speculative.adapt_k(3, 0, 3, 0) == (1, 1, 0)
+    assert speculative.adapt_k(1, 1, 1, 0) == (1, 2, 2)
+    assert speculative.adapt_k(1, 2, 1, 0) == (1, 3, 4)
+    assert speculative.adapt_k(1, 6, 1, 0) == (1, 7, 16)
     assert speculative.adapt_k(1, 6, 1, 1) == (3, 0, 0)
 
 
