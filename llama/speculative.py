@@ -4,8 +4,8 @@ forward pass of k + 1 tokens per row, with exactly the target model's answers.
 - Proposers: prompt lookup (`NgramProposer`: the tokens that followed an earlier occurrence of
   the last few tokens, in the prompt and the answer so far: of several, the one whose preceding
   tokens agree longest with the history's, so an answer that copies its prompt keeps its place
-  in it) and a draft model
-  (`DraftProposer`: a smaller model with the same tokenizer and its own KV cache).
+  in it) and a draft model (`DraftProposer`: a smaller model with the same tokenizer and its own
+  KV cache).
 - `Speculator`: the proposer, k (fixed, or adaptive per row: it grows while proposals are
   accepted and shrinks when they are not) and the statistics (`SpeculativeStats`).
 - `verify`: greedy rows accept the longest prefix equal to the target's argmax, then take the
