@@ -1,9 +1,11 @@
 """Speculative decoding: cheap proposals of the next k tokens, checked by the target model in one
 forward pass of k + 1 tokens per row, with exactly the target model's answers.
 
-- Proposers: prompt lookup (`NgramProposer`: the tokens that followed the latest earlier
-  occurrence of the last few tokens, in the prompt and the answer so far) and a draft model
-  (`DraftProposer`: a smaller model with the same tokenizer and its own KV cache).
+- Proposers: prompt lookup (`NgramProposer`: the tokens that followed an earlier occurrence of
+  the last few tokens, in the prompt and the answer so far: of several, the one whose preceding
+  tokens agree longest with the history's, so an answer that copies its prompt keeps its place
+  in it) and a draft model (`DraftProposer`: a smaller model with the same tokenizer and its own
+  KV cache).
 - `Speculator`: the proposer, k (fixed, or adaptive per row: it grows while proposals are
   accepted and shrinks when they are not) and the statistics (`SpeculativeStats`).
 - `verify`: greedy rows accept the longest prefix equal to the target's argmax, then take the
@@ -32,9 +34,12 @@ from llama.sampling import SamplingParams, sample, sample_rows
 
 NGRAM = "ngram"
 START_K = 4  # adaptive k: the first proposal's length
-MAX_K = 8  # adaptive k: the longest proposal
+MAX_K = 15  # adaptive k: the longest proposal (k + 1 = 16 rows, the widest the CPU kernels take: native.MAX_ROWS)
+REST_AFTER = 2  # adaptive k: verifications in a row with nothing accepted before a row rests from proposing
 MAX_REST = 16  # adaptive k: most steps a row rests from proposing after proposals that all failed
 NGRAM_SIZES = (3, 2)  # prompt lookup matches the last 3 tokens, else the last 2
+MAX_CONTEXT = 16  # prompt lookup: tokens before a match compared to choose among its occurrences
+MAX_OCCURRENCES = 64  # prompt lookup: the latest occurrences of a match compared (a bounded cost)
 UNSUPPORTED = ("speculative decoding samples with temperature and top_p only: seed, top_k, min_p, the penalties, "
                "logit_bias and top_logprobs need a generator built without speculative")
 
@@ -163,25 +168,45 @@ def verify(logits: torch.Tensor, drafts: torch.Tensor, q: Optional[torch.Tensor]
     return accepted, nxt
 
 
+def agreement(history: Sequence[int], i: int, j: int) -> int:
+    """How many tokens before positions i and j of history agree, counting back (at most MAX_CONTEXT)."""
+    n = 0
+    while n < MAX_CONTEXT and i - 1 - n >= 0 and history[i - 1 - n] == history[j - 1 - n]:
+        n += 1
+    return n
+
+
+def continuation(history: Sequence[int], start: int, k: int) -> List[int]:
+    """k tokens from history[start:], going on past its end as history does from start (a copy that
+    overlaps itself, as in LZ77: a pattern that repeats proposes k tokens, not the few left)."""
+    period = len(history) - start
+    return [history[start + t % period] for t in range(k)]
+
+
 def lookup(history: Sequence[int], k: int, sizes: Sequence[int] = NGRAM_SIZES) -> List[int]:
-    """Prompt lookup: up to k tokens that followed the latest earlier occurrence of the last n
-    tokens of history (n from `sizes`, longest first); [] when none occurs. (The reference for
-    `NgramIndex`, which finds the same occurrences without a scan.)"""
+    """Prompt lookup: k tokens (`continuation`) after an earlier occurrence of the last n tokens of
+    history (n from `sizes`, longest first); [] when none occurs. Of the latest MAX_OCCURRENCES
+    occurrences, the one whose preceding tokens agree longest with those before the last n (the
+    latest of equals): where an answer copies from, not a look-alike line elsewhere. (The
+    reference for `NgramIndex`, which finds the same occurrences without a scan.)"""
+    history = list(history)
     for n in sizes:
-        tail = list(history[-n:])
-        for i in range(len(history) - n - 1, -1, -1):
-            if list(history[i : i + n]) == tail:
-                return list(history[i + n : i + n + k])
+        tail, end = history[-n:], len(history) - n
+        found = [i for i in range(end - 1, -1, -1) if history[i : i + n] == tail][:MAX_OCCURRENCES]
+        if found:
+            best = max(found, key=lambda i: (agreement(history, i, end), i))
+            return continuation(history, best + n, k)
     return []
 
 
 class NgramIndex:
-    """Where each n-gram of a growing history last started (among those followed by a token), so
-    that a lookup costs the same whatever the history's length."""
+    """Where each n-gram of a growing history started (among those followed by a token), so that a
+    lookup costs the same whatever the history's length (at most MAX_OCCURRENCES comparisons of
+    at most MAX_CONTEXT tokens)."""
 
     def __init__(self, sizes: Sequence[int] = NGRAM_SIZES):
         self.sizes = sizes
-        self.starts: Dict[int, Dict[tuple, int]] = {n: {} for n in sizes}
+        self.starts: Dict[int, Dict[tuple, List[int]]] = {n: {} for n in sizes}  # n-gram -> its starts, ascending
         self.indexed = {n: 0 for n in sizes}  # n-grams starting before this are in starts[n]
 
     def lookup(self, history: List[int], k: int) -> List[int]:
@@ -189,11 +214,18 @@ class NgramIndex:
         for n in self.sizes:
             starts = self.starts[n]
             for i in range(self.indexed[n], len(history) - n):  # n-grams followed by a token
-                starts[tuple(history[i : i + n])] = i
+                starts.setdefault(tuple(history[i : i + n]), []).append(i)
             self.indexed[n] = max(self.indexed[n], len(history) - n)
-            i = starts.get(tuple(history[-n:])) if len(history) > n else None
-            if i is not None:
-                return history[i + n : i + n + k]
+            found = starts.get(tuple(history[-n:])) if len(history) > n else None
+            if found:
+                end, best, most = len(history) - n, None, -1
+                for i in reversed(found[-MAX_OCCURRENCES:]):  # latest first: it wins ties
+                    agree = agreement(history, i, end)
+                    if agree > most:
+                        best, most = i, agree
+                        if agree == MAX_CONTEXT:
+                            break
+                return continuation(history, best + n, k)
         return []
 
 
@@ -299,12 +331,14 @@ def adapt_k(k: int, misses: int, proposed: int, accepted: int) -> Tuple[int, int
     """Adaptive k after a verification of `proposed` tokens: (next k, misses, steps to rest).
 
     k grows by 2 (to MAX_K) when every proposal is accepted, else becomes one more than were. After
-    `misses` verifications in a row of which nothing was accepted, the row rests 2, 4, ..
-    MAX_REST steps without proposing: a verify pass of several tokens costs more than a pass of
-    one where compute, not memory, bounds it (a CPU), and text unlike its prompt stays unlike it."""
+    `misses` >= REST_AFTER verifications in a row of which nothing was accepted, the row rests
+    2, 4, .. MAX_REST steps without proposing: a verify pass of several tokens costs more than a
+    pass of one where compute, not memory, bounds it (a CPU), and text unlike its prompt stays
+    unlike it. One miss alone does not rest the row: an answer that copies its prompt with an
+    edit misses once at the edit, then copies again."""
     k = min(k + 2, MAX_K) if accepted == proposed else max(1, accepted + 1)
     misses = 0 if accepted else misses + 1
-    return k, misses, min(2 ** misses, MAX_REST) if misses else 0
+    return k, misses, min(2 ** (misses - REST_AFTER + 1), MAX_REST) if misses >= REST_AFTER else 0
 
 
 class SpeculativeBatch(Batch):

@@ -348,27 +348,66 @@ def test_draft_not_smaller_warns(tiny_dir):
 
 
 def test_adaptive_k():
-    """k grows by 2 to 8 on full acceptance, shrinks to accepted + 1; misses make a row rest 2, 4, .. 16."""
+    """k grows by 2 to 15 on full acceptance, shrinks to accepted + 1; one miss alone does not rest a
+    row, two or more in a row make it rest 2, 4, .. 16 steps."""
     assert speculative.adapt_k(4, 0, 4, 4) == (6, 0, 0)
-    assert speculative.adapt_k(8, 0, 8, 8) == (8, 0, 0)
+    assert speculative.adapt_k(14, 0, 14, 14) == (15, 0, 0)
+    assert speculative.adapt_k(15, 0, 15, 15) == (15, 0, 0)
     assert speculative.adapt_k(6, 0, 6, 2) == (3, 0, 0)
-    assert speculative.adapt_k(3, 0, 3, 0) == (1, 1, 2)
-    assert speculative.adapt_k(1, 1, 1, 0) == (1, 2, 4)
-    assert speculative.adapt_k(1, 5, 1, 0) == (1, 6, 16)
+    assert speculative.adapt_k(3, 0, 3, 0) == (1, 1, 0)
+    assert speculative.adapt_k(1, 1, 1, 0) == (1, 2, 2)
+    assert speculative.adapt_k(1, 2, 1, 0) == (1, 3, 4)
+    assert speculative.adapt_k(1, 6, 1, 0) == (1, 7, 16)
     assert speculative.adapt_k(1, 6, 1, 1) == (3, 0, 0)
 
 
-def test_ngram_index_finds_what_a_scan_finds():
-    """NgramIndex (incremental) against lookup (a scan from the end), on growing random histories."""
+def longest_match_lookup(history, k, sizes=(3, 2), context=speculative.MAX_CONTEXT):
+    """Prompt lookup written another way: the longest suffix of history, n + c tokens (n from sizes,
+    longest first; c <= context), that occurs earlier followed by a token, its latest occurrence;
+    then its continuation extended token by token from the growing text (LZ77's overlapping copy)."""
+    for n in sizes:
+        for length in range(n + context, n - 1, -1):
+            if length > len(history) - 1:
+                continue
+            suffix = history[-length:]
+            starts = [i for i in range(len(history) - length) if history[i : i + length] == suffix]
+            if starts:
+                src, text = starts[-1] + length, list(history)
+                for t in range(k):
+                    text.append(text[src + t])
+                return text[len(history) :]
+    return []
+
+
+def test_ngram_lookup_against_references():
+    """lookup (a scan) against longest_match_lookup, and NgramIndex (incremental) against lookup, on
+    growing random histories; then hand-built cases."""
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
         history, index = [], speculative.NgramIndex()
         for _ in range(60):
             history += torch.randint(0, 4, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
-            assert index.lookup(history, 5) == speculative.lookup(history, 5), history
-    assert speculative.lookup([7, 1, 2, 3, 9, 1, 2, 3, 8, 5, 1, 2, 3], 2) == [8, 5]  # the latest of two matches
+            expected = longest_match_lookup(history, 5)
+            assert speculative.lookup(history, 5) == expected, history
+            assert index.lookup(history, 5) == expected, history
+    # [1, 2, 3] twice before the end: after 5 (as at the end) and after 7, which is later.
+    assert speculative.lookup([5, 1, 2, 3, 8, 7, 1, 2, 3, 9, 5, 1, 2, 3], 2) == [8, 7]
+    assert speculative.lookup([7, 1, 2, 3, 9, 1, 2, 3, 8, 5, 1, 2, 3], 2) == [8, 5]  # equal agreement: the latest
     assert speculative.lookup([1, 2, 3, 4, 2, 3], 3) == [4, 2, 3]  # 3-gram absent, 2-gram found
+    assert speculative.lookup([4, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]  # the copy goes on past the end
     assert speculative.lookup([1, 2, 3, 4], 3) == []
+
+
+def test_ngram_lookup_compares_a_bounded_number_of_occurrences():
+    """Of more than MAX_OCCURRENCES occurrences, the latest MAX_OCCURRENCES are compared: a better
+    agreeing one before them is not found (the cost of a lookup stays bounded), in the index too."""
+    m = speculative.MAX_OCCURRENCES
+    history = [5, 1, 2, 3, 8] + [7, 1, 2, 3, 9] * m + [5, 1, 2, 3]
+    assert speculative.lookup(history, 1) == [9]
+    assert speculative.NgramIndex().lookup(history, 1) == [9]
+    history = [5, 1, 2, 3, 8] + [7, 1, 2, 3, 9] * (m - 1) + [5, 1, 2, 3]
+    assert speculative.lookup(history, 1) == [8]
+    assert speculative.NgramIndex().lookup(history, 1) == [8]
 
 
 # Command lines ---------------------------------------------------------------------------------
