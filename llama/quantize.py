@@ -6,7 +6,8 @@ SRC is a full-precision checkpoint: Meta's layout (any number of shards), Huggin
 file (whose tensors are dequantized first). DST gets as many consolidated.NN.pth shards as SRC has
 (one for the other layouts), each projection (wq wk wv wo w1 w2 w3) as its values, one a byte,
 beside its bfloat16 `.scale` (and, int4, `.zero`), everything else as SRC stores it; params.json
-with the scheme under "quantization"; SRC's tokenizer files; a fresh checklist.chk. Llama.build
+with the scheme under "quantization"; SRC's tokenizer files (a GGUF file's vocabulary written out as
+tokenizer.model, or tokenizer.json and tokenizer_config.json); a fresh checklist.chk. Llama.build
 loads DST quantized, memory-mapped, on any number of processes whose slices the int4 groups do not
 cross. Tensors are read one at a time from the memory-mapped source; memory use peaks at about one
 output shard.
@@ -45,6 +46,7 @@ from llama.quantization import (
     row_absmax,
 )
 from llama.reshard import compact, write_shards
+from llama.vocabulary import load_tokenizer, save_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 
@@ -83,6 +85,8 @@ def quantize_checkpoint(src: str, dst: str, mode: str, group_size: Optional[int]
     (dst_dir / "params.json").write_text(json.dumps({**params, PARAMS_KEY: scheme.to_json()}, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         copy_if_present(src_dir, dst_dir, name)
+    if params_file(src).suffix == ".gguf":  # its vocabulary is inside the file: write it out
+        save_tokenizer(load_tokenizer(None, src), dst_dir)
     write_checklist(dst_dir)
     return dst_dir
 
@@ -100,8 +104,6 @@ def main(argv=None) -> None:
     out = quantize_checkpoint(a.ckpt_dir, a.out, a.mode, a.group_size)
     scheme = json.loads((out / "params.json").read_text())[PARAMS_KEY]
     print(f"wrote {out} ({', '.join(f'{k} {v}' for k, v in scheme.items())})")
-    if not any((out / name).is_file() for name in TOKENIZER_FILES):
-        print(f"its vocabulary stays in {a.ckpt_dir}: pass that file as tokenizer_path to Llama.build")
 
 
 if __name__ == "__main__":

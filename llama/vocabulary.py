@@ -4,9 +4,11 @@ tokenizer.model (Meta's layout), a GGUF file's vocabulary, or a Hugging Face tok
 A GGUF vocabulary is rebuilt from its metadata (llama.cpp's keys): a "llama" one as the
 sentencepiece model it was converted from, so that it tokenizes exactly like Meta's
 tokenizer.model; a "gpt2" one as byte-level BPE (llama/bpe.py). Every result offers
-llama.tokenizer.TokenizerProtocol.
+llama.tokenizer.TokenizerProtocol. `save_tokenizer` writes one into a folder as files this module
+reads back (a quantized copy of a GGUF checkpoint carries its vocabulary that way).
 """
 
+import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -64,6 +66,27 @@ def checkpoint_tokenizer(where: Path) -> TokenizerProtocol:
         f"no tokenizer found with the checkpoint in {str(where)!r} (no tokenizer.model, .gguf file or "
         "tokenizer.json): pass tokenizer_path (for example CodeLlama-7b/tokenizer.model)"
     )
+
+
+def save_tokenizer(tokenizer: TokenizerProtocol, folder: Path) -> None:
+    """Write `tokenizer` into `folder` as the files `checkpoint_tokenizer(folder)` reads back as the
+    same tokenizer: tokenizer.model for sentencepiece; for byte-level BPE, tokenizer.json with a
+    tokenizer_config.json naming its special tokens, whether it starts with BOS and its chat template."""
+    if isinstance(tokenizer, Tokenizer):
+        (folder / "tokenizer.model").write_bytes(tokenizer.sp_model.serialized_model_proto())
+        return
+    if not isinstance(tokenizer, BPETokenizer):
+        raise TypeError(f"cannot write a {type(tokenizer).__name__} as tokenizer files")
+    tokenizer.backend.save(str(folder / "tokenizer.json"))
+    name = tokenizer.backend.id_to_token
+    config = {"eos_token": name(tokenizer.eos_id), "add_bos_token": tokenizer.add_bos}
+    if tokenizer.bos_id is not None:
+        config["bos_token"] = name(tokenizer.bos_id)
+    if tokenizer.pad_id >= 0:
+        config["pad_token"] = name(tokenizer.pad_id)
+    if tokenizer.chat_template is not None:
+        config["chat_template"] = tokenizer.chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 # GGUF ---------------------------------------------------------------------------------------------

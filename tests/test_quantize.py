@@ -182,6 +182,26 @@ def test_cli(tiny_dir, tmp_path):
     assert "group_size 32" in run.stdout and (tmp_path / "q" / "consolidated.00.pth").is_file()
 
 
+def test_gguf_source_carries_its_vocabulary(tiny_dir, tmp_path):
+    """A GGUF file holds its vocabulary: the quantized copy writes it out, so the copy builds with no
+    tokenizer_path, tokenizes as the GGUF does, and serves as that GGUF's draft model (greedy
+    answers equal to plain decoding's)."""
+    from llama.gguf_export import write_gguf
+
+    source = write_gguf(str(tiny_dir), str(tmp_path / "tiny.gguf"), show_progress=False)
+    out = quantize_checkpoint(str(source), str(tmp_path / "q"), "int8", show_progress=False)
+    assert (out / "tokenizer.model").is_file()
+    def build_alone(ckpt, **kw):  # the tokenizer is the one the checkpoint carries
+        return Llama.build(str(ckpt), max_seq_len=128, max_batch_size=4, device=DEVICE, dtype="float32", **kw)
+
+    plain, copy = build_alone(source), build_alone(out)
+    assert copy.tokenizer.encode(PROMPTS[2], bos=True, eos=False) == plain.tokenizer.encode(PROMPTS[2], bos=True, eos=False)
+    drafted = build_alone(source, speculative=str(out))
+    prompts = [plain.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    assert (drafted.generate(prompts, 12, temperature=0, stop_token=-1)[0]
+            == plain.generate(prompts, 12, temperature=0, stop_token=-1)[0])
+
+
 @pytest.mark.parametrize("ckpt, mode, group", [("int8_dir", "int8", None), ("int4_dir", "int4", 32),
                                                  ("int4_64_dir", "int4", None)])
 def test_checkpoint_gives_the_logits_of_quantizing_on_load(request, tiny_dir, ckpt, mode, group):

@@ -17,7 +17,7 @@ from llama.formats import (
 )
 from llama.protocol import APIError, parse_chat
 from llama.tokenizer import StreamDecoder, Tokenizer
-from llama.vocabulary import load_tokenizer
+from llama.vocabulary import checkpoint_tokenizer, load_tokenizer, save_tokenizer
 
 CODE = 'def fib(n: int) -> int:\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'
 SP_TEXTS = [
@@ -365,3 +365,31 @@ def test_only_code_llama_formats_refuse_their_markers(smollm2_tokenizer, tiny_di
     dialog = [{"role": "user", "content": "What does [INST] mean in a Llama prompt?"}]
     assert refuses_dialog(Tokenizer(str(tiny_dir / "tokenizer.model")), dialog)
     assert not refuses_dialog(smollm2_tokenizer, dialog)
+
+
+SAVED_TEXTS = ["def f(x):\n    return x ** 2  # naïve, 日本語", "  two  spaces\ttab\n\n", ""]
+
+
+def check_same_tokenizer(a, b):
+    for field in ("n_words", "bos_id", "eos_id", "pad_id", "eot_id", "add_bos", "chat_template"):
+        assert getattr(a, field, None) == getattr(b, field, None), field
+    for text in SAVED_TEXTS:
+        assert a.encode(text, bos=True, eos=True) == b.encode(text, bos=True, eos=True)
+        ids = a.encode(text, bos=False, eos=False)
+        assert b.decode(ids) == a.decode(ids)
+
+
+def test_saved_bpe_tokenizer_reads_back_the_same(smollm2_tokenizer, tmp_path):
+    """A GGUF's byte-level BPE vocabulary written as tokenizer.json and tokenizer_config.json (what
+    a quantized copy of the checkpoint carries) is the same tokenizer: special ids, BOS, chat
+    template (ChatML's end of turn included), ids of text with spaces, tabs and non-ASCII."""
+    save_tokenizer(smollm2_tokenizer, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    check_same_tokenizer(smollm2_tokenizer, checkpoint_tokenizer(tmp_path))
+
+
+def test_saved_sentencepiece_tokenizer_reads_back_the_same(tiny_dir, tmp_path):
+    original = load_tokenizer(None, str(tiny_dir))
+    save_tokenizer(original, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.model"]
+    check_same_tokenizer(original, checkpoint_tokenizer(tmp_path))
