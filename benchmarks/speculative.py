@@ -3,6 +3,7 @@ target forward, and whether the answers are identical, per workload and per fami
 
     python benchmarks/speculative.py                          # SmolLM2-135M-Instruct (GGUF), as the tests find it
     python benchmarks/speculative.py --answers                # and print each workload's plain answer
+    python benchmarks/speculative.py --draft int4             # and a draft: the same model quantized to int4
     python benchmarks/speculative.py --ckpt CodeLlama-7b-Instruct/ --draft SMALLER_CKPT/ --device cuda --dtype bfloat16
 
 Workloads (benchmarks/workloads.py):
@@ -15,7 +16,8 @@ Workloads (benchmarks/workloads.py):
   next one. This stands in for "fill a middle that repeats nearby code": SmolLM2's tokenizer has
   no infilling pieces (`text_infilling` refuses it), so the code before the middle is completed;
 - free writing, two chat requests: a short essay and an explanation, on topics not in the prompt.
-Systems: plain, speculative="ngram" (prompt lookup), and speculative=--draft when given; each
+Systems: plain, speculative="ngram" (prompt lookup), and speculative=--draft when given (a folder,
+or int8 / int4: the target quantized by llama.quantize, int4 in groups of 32); each
 workload runs --repeat times, systems alternating, and the median time counts (the statistics are
 the last run's). A family's row adds up its workloads: new tokens / the sum of median times.
 """
@@ -24,6 +26,7 @@ import argparse
 import re
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from generate import smollm2_path  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 from llama import Llama  # noqa: E402
+from llama.quantize import quantize_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -99,7 +103,8 @@ def row(label, name, results, base, edit_made="-"):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt", default=None, help="default: SmolLM2-135M-Instruct's GGUF")
-    parser.add_argument("--draft", default=None, help="a draft checkpoint with the same tokenizer")
+    parser.add_argument("--draft", default=None, help="a draft checkpoint with the same tokenizer, or int8 / int4: "
+                        "the target quantized by llama.quantize (int4 in groups of 32) into a temporary folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max_gen_len", type=int, default=None, help="cap every workload's answer (smoke runs)")
@@ -107,7 +112,10 @@ def main():
     parser.add_argument("--answers", action="store_true", help="print each workload's plain answer after the table")
     a = parser.parse_args()
     ckpt = a.ckpt or str(smollm2_path())
-    systems = {"plain": None, "ngram": "ngram", **({"draft": a.draft} if a.draft else {})}
+    draft = a.draft
+    if draft in ("int8", "int4"):  # the same model quantized: a draft that agrees with it, at a fraction of its bytes
+        draft = str(quantize_checkpoint(ckpt, tempfile.mkdtemp(prefix="draft-"), draft, 32 if draft == "int4" else None))
+    systems = {"plain": None, "ngram": "ngram", **({f"draft ({a.draft})": draft} if draft else {})}
     generators = {name: Llama.build(ckpt, max_seq_len=2048, max_batch_size=1, device=a.device, dtype=a.dtype,
                                     speculative=spec) for name, spec in systems.items()}
     print(f"{ckpt}: {a.device}, {a.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
