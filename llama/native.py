@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from torch.utils import cpp_extension
 
 HERE = Path(__file__).parent
 C_SOURCES = [HERE / "gemv.c", HERE / "attention.c"]
 CPP_SOURCE = HERE / "ops.cpp"
+TORCH = Path(torch.__file__).parent  # its headers and libraries (what torch.utils.cpp_extension names, without
+#                                      importing it: it needs setuptools)
 C_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 MAX_ROWS = 16  # rows of x (a decode batch) up to which these kernels beat PyTorch's products
 CHUNK = 32  # K must be a multiple of this (of INT4_CHUNK for int4 weights)
@@ -71,9 +72,8 @@ def cpp_command(objects: List[str], out: str) -> List[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return ([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
              str(CPP_SOURCE), *objects, "-o", out, "-lm"]
-            + [f"-I{path}" for path in cpp_extension.include_paths()]
-            + [arg for path in cpp_extension.library_paths() for arg in (f"-L{path}", f"-Wl,-rpath,{path}")]
-            + ["-ltorch_cpu", "-lc10"])
+            + [f"-I{TORCH / 'include'}", f"-I{TORCH / 'include' / 'torch' / 'csrc' / 'api' / 'include'}"]
+            + [f"-L{TORCH / 'lib'}", f"-Wl,-rpath,{TORCH / 'lib'}", "-ltorch_cpu", "-lc10"])
 
 
 def compile_library(path: Path) -> str:

@@ -157,3 +157,11 @@ def test_compiles_once_into_the_cache_folder(tmp_path):
     assert built[0].stat().st_mtime_ns == stamp
     missing = run_python(code, LLAMA_NATIVE_CACHE=str(tmp_path / "other"), CC="no-such-compiler")
     assert missing.strip() == "False \"no C compiler ('no-such-compiler' not found; set CC)\""
+
+
+def test_importing_needs_no_setuptools():
+    """The kernels are built against PyTorch's headers without torch.utils.cpp_extension, which
+    imports setuptools (absent from a fresh virtual environment on Python 3.12 and later)."""
+    code = ("import sys, llama.native, llama.generation, llama.server; "
+            "print('setuptools' in sys.modules, 'torch.utils.cpp_extension' in sys.modules)")
+    assert run_python(code).split() == ["False", "False"]
