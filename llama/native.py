@@ -20,6 +20,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import List, Optional
@@ -66,9 +67,8 @@ def cpu_signature() -> str:
         return os.uname().machine
 
 
-def cpp_command(objects: List[str], out: str) -> List[str]:
+def cpp_command(cxx: str, objects: List[str], out: str) -> List[str]:
     """Link the C objects with ops.cpp, built against this PyTorch."""
-    cxx = os.environ.get("CXX") or "c++"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return ([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
              str(CPP_SOURCE), *objects, "-o", out, "-lm"]
@@ -84,11 +84,13 @@ def compile_library(path: Path) -> str:
     if not shutil.which(cxx):
         return f"no C++ compiler ({cxx!r} not found; set CXX)"
     path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"llama: compiling the CPU kernels for this machine into {path.parent} (once, about ten seconds)",
+          file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         objects = [str(Path(tmp) / (src.stem + ".o")) for src in C_SOURCES]
         out = str(Path(tmp) / path.name)
         steps = [(src.name, [cc, *C_FLAGS, "-c", str(src), "-o", obj]) for src, obj in zip(C_SOURCES, objects)]
-        for name, command in steps + [(CPP_SOURCE.name, cpp_command(objects, out))]:
+        for name, command in steps + [(CPP_SOURCE.name, cpp_command(cxx, objects, out))]:
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 return f"{command[0]} could not compile {name}: {done.stderr.strip()[-500:]}"
