@@ -191,9 +191,9 @@ ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # of the KV cache
 def attention_takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether `attend` takes these: a few new tokens on the CPU, a float32 or bfloat16 cache whose
     head dimension is contiguous and a multiple of 16, keys and values laid out alike."""
-    return (q.shape[1] <= MAX_ROWS and q.device.type == "cpu" and keys.dtype in ATTENTION_DTYPES
-            and values.dtype == keys.dtype and keys.stride() == values.stride() and keys.stride(-1) == 1
-            and keys.shape[-1] % 16 == 0 and q.shape[2] % keys.shape[1] == 0 and available())
+    return (keys.dtype in ATTENTION_DTYPES and values.dtype == keys.dtype and keys.stride() == values.stride()
+            and keys.stride(-1) == 1 and q.shape[2] % keys.shape[1] == 0
+            and takes(q.shape[1], keys.shape[-1], q.device, chunk=16))
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
