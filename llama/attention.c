@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)  /* as gemv.c */
 #include <immintrin.h>
 
 /* exp(x) for x <= 0 (to float32's rounding: range reduction to r in [-ln2/2, ln2/2], a degree-6

@@ -1,7 +1,8 @@
 /* Matrix-vector products for decoding on the CPU: y (M, N) = x (M, K) W^T for a few rows of x,
  * reading W once, at the memory's speed. llama/native.py compiles this file for the machine it runs
- * on (cc -O3 -march=native -fopenmp) and calls it through ctypes; without AVX-512 (F, BW, VNNI,
- * BF16) it compiles to nothing but native_supported() == 0, and PyTorch's kernels are used.
+ * on (cc -O3 -march=native -fopenmp) and calls it through ctypes; without AVX-512 (F, BW, VNNI:
+ * Intel Cascade Lake, Ice Lake, Sapphire Rapids, AMD Zen 4 and later) it compiles to nothing but
+ * native_supported() == 0, and PyTorch's kernels are used.
  *
  * Why: batch-1 decoding reads every weight once per token, so its speed is bytes over bandwidth.
  * PyTorch's CPU products for a short, wide left operand read weights at about half the machine's
@@ -9,24 +10,26 @@
  *
  * How (each thread takes a contiguous range of output rows, so it reads one sequential stream):
  *   float32   16 products per fused multiply-add;
- *   bfloat16  x rounded to bfloat16 once, 32 products per AVX512-BF16 dot instruction;
+ *   bfloat16  x rounded to bfloat16 once, 32 products per AVX512-BF16 dot instruction (on a CPU
+ *             without AVX512-BF16, such as Ice Lake: the weights widened to float32, 16 products
+ *             per fused multiply-add of float32 x);
  *   int8      x rounded to int16 once, per block of 128 columns with a float32 scale (more precise
  *             than bfloat16 there); 32 weights widened to int16 per VNNI dot instruction (vpdpwssd),
  *             summed exactly in int32 over a block, then scaled in float32 (the block's scale,
  *             then the row's);
- *   int4      the same int16 x; W packed two values a byte, (N, K / 2), each 64-column chunk in
- *             32 bytes: byte j holds column j in its low half and column j + 32 in its high half,
- *             widened to int16; value = (q - 8) * scale + zero per group of G columns, so a group
- *             adds scale * sum(q x) + (zero - 8 scale) * sum(x).
+ *   int4      x rounded to 15-bit integers per block of 32 columns; W packed two values a byte, (N, K / 2), in
+ *             a layout where a vector lane is a block of 32 columns (below), 64 products per VNNI
+ *             dot instruction (vpdpbusd, two a product: x as two bytes); value = (q - 8) * scale + zero per group of G columns,
+ *             so a block adds scale * sum(q x) + (zero - 8 scale) * sum(x).
  * (Widening int8 to bfloat16 takes five instructions per 32 weights, to int16 one: with bfloat16 x
- * these two kernels were bound by arithmetic rather than by memory.)
- * Every function takes its thread count (PyTorch's) and accumulates in float32. K % 32 == 0 (int4: K % 64 == 0).
+ * these two kernels were bound by arithmetic rather than by memory; so was int4 widened to int16.)
+ * Every function takes its thread count (PyTorch's) and accumulates in float32. K % 32 == 0.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 
 int native_supported(void) { return 1; }
@@ -36,14 +39,6 @@ static inline float bf16_to_float(uint16_t b) {
     float f;
     memcpy(&f, &u, 4);
     return f;
-}
-
-/* x (M, K) float32 -> bfloat16, 32 values a vector (rounded to nearest even, as PyTorch rounds). */
-static __m512bh* to_bf16(const float* x, int64_t M, int64_t K) {
-    __m512bh* xb = (__m512bh*)aligned_alloc(64, (M * K * 2 + 63) / 64 * 64);
-    for (int64_t i = 0; i < M * K / 32; i++)
-        xb[i] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 32 * i + 16), _mm512_loadu_ps(x + 32 * i));
-    return xb;
 }
 
 /* Each kernel computes one output row n for a tile of up to TILE rows of x at once (WIDE_TILE for
@@ -106,43 +101,75 @@ void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, f
     }
 }
 
-/* The bfloat16 kernels: xb (M, K / 32) vectors of x; `widen(wr, k)` gives columns k .. k+31 of
- * the row as bfloat16. */
-#define ROW_BF16(name, type, widen)                                                             \
-    ALWAYS_INLINE void name(const __m512bh* xb, int64_t K, const type* wr, float* y, int64_t N,  \
-                            float scale, const int tile) {                                      \
-        const int two = tile <= TILE;                                                           \
-        __m512 a[WIDE_TILE], b[WIDE_TILE];                                                      \
-        for (int j = 0; j < tile; j++) a[j] = b[j] = _mm512_setzero_ps();                       \
-        int64_t k = 0;                                                                          \
-        for (; k + 64 <= K; k += 64) {                                                          \
-            __m512bh w0 = widen(wr, k), w1 = widen(wr, k + 32);                                 \
-            for (int j = 0; j < tile; j++) {                                                    \
-                a[j] = _mm512_dpbf16_ps(a[j], xb[j * K / 32 + k / 32], w0);                     \
-                if (two) b[j] = _mm512_dpbf16_ps(b[j], xb[j * K / 32 + k / 32 + 1], w1);        \
-                else a[j] = _mm512_dpbf16_ps(a[j], xb[j * K / 32 + k / 32 + 1], w1);            \
-            }                                                                                   \
-        }                                                                                       \
-        if (k < K) {                                                                            \
-            __m512bh w0 = widen(wr, k);                                                         \
-            for (int j = 0; j < tile; j++) a[j] = _mm512_dpbf16_ps(a[j], xb[j * K / 32 + k / 32], w0); \
-        }                                                                                       \
-        for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j])) * scale; \
+#ifdef __AVX512BF16__
+/* x (M, K) float32 -> bfloat16, 32 values a vector (rounded to nearest even, as PyTorch rounds). */
+static __m512bh* to_bf16(const float* x, int64_t M, int64_t K) {
+    __m512bh* xb = (__m512bh*)aligned_alloc(64, (M * K * 2 + 63) / 64 * 64);
+    for (int64_t i = 0; i < M * K / 32; i++)
+        xb[i] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 32 * i + 16), _mm512_loadu_ps(x + 32 * i));
+    return xb;
+}
+
+/* xb (M, K / 32) vectors of x rounded to bfloat16; 32 columns of the row per dot instruction. */
+ALWAYS_INLINE void row_bf16(const __m512bh* xb, int64_t K, const uint16_t* wr, float* y, int64_t N, const int tile) {
+    const int two = tile <= TILE;
+    __m512 a[WIDE_TILE], b[WIDE_TILE];
+    for (int j = 0; j < tile; j++) a[j] = b[j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
+        for (int j = 0; j < tile; j++) {
+            a[j] = _mm512_dpbf16_ps(a[j], xb[j * K / 32 + k / 32], w0);
+            if (two) b[j] = _mm512_dpbf16_ps(b[j], xb[j * K / 32 + k / 32 + 1], w1);
+            else a[j] = _mm512_dpbf16_ps(a[j], xb[j * K / 32 + k / 32 + 1], w1);
+        }
     }
-
-ALWAYS_INLINE __m512bh load_bf16(const uint16_t* w, int64_t k) { return (__m512bh)_mm512_loadu_si512(w + k); }
-
-ROW_BF16(row_bf16, uint16_t, load_bf16)
+    if (k < K) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);
+        for (int j = 0; j < tile; j++) a[j] = _mm512_dpbf16_ps(a[j], xb[j * K / 32 + k / 32], w0);
+    }
+    for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
+}
 
 void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int threads) {
     __m512bh* xb = to_bf16(x, M, K);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
-#define BF16(t) row_bf16(xb + m0 * K / 32, K, w + n * K, y + m0 * N + n, N, 1.0f, t)
+#define BF16(t) row_bf16(xb + m0 * K / 32, K, w + n * K, y + m0 * N + n, N, t)
         FOR_WIDE_TILES(M, BF16)
     }
     free(xb);
 }
+#else
+/* 16 bfloat16 values as float32 (exact: the top half of a float32). */
+ALWAYS_INLINE __m512 widen_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+/* Without AVX512-BF16: 32 columns of the row widened to float32, times float32 x. */
+ALWAYS_INLINE void row_bf16(const float* x, int64_t K, const uint16_t* wr, float* y, int64_t N, const int tile) {
+    const int two = tile <= TILE;
+    __m512 a[WIDE_TILE], b[WIDE_TILE];
+    for (int j = 0; j < tile; j++) a[j] = b[j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512 w0 = widen_bf16(wr + k), w1 = widen_bf16(wr + k + 16);
+        for (int j = 0; j < tile; j++) {
+            a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k), w0, a[j]);
+            if (two) b[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k + 16), w1, b[j]);
+            else a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k + 16), w1, a[j]);
+        }
+    }
+    for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
+}
+
+void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+#define BF16(t) row_bf16(x + m0 * K, K, w + n * K, y + m0 * N + n, N, t)
+        FOR_WIDE_TILES(M, BF16)
+    }
+}
+#endif
 
 /* The integer kernels' activations: each row of x in blocks of XB columns (the last may be
  * shorter), a block as int16 q with one float32 scale s (max |x| / 32767 of the block), x ~ q s,
@@ -225,80 +252,139 @@ ALWAYS_INLINE __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-/* What a row's zeros add: sum over groups of (zero - 8 scale) * (the group's sum of x). */
-ALWAYS_INLINE float zero_term(const uint16_t* sr, const uint16_t* zr, const float* xsum, int64_t groups) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 16) {
-        __mmask16 m = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
-        __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(8), load_bf16x16(sr + g, m), load_bf16x16(zr + g, m));
-        acc = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(m, xsum + g), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
+/* int4. A row's K columns are blocks of 32 (a block lies in one group of G columns, G a multiple
+ * of 32), taken 16 blocks (a "superblock": 512 columns, 256 bytes) at a time, the last superblock
+ * holding the m = 1..16 blocks left. A superblock is 4 vectors of 4m bytes: in vector p, bytes
+ * 4i .. 4i+3 hold columns 8p .. 8p+3 of its block i in their low halves and 8p+4 .. 8p+7 in their
+ * high halves. So a 512-bit lane is a block: one vpdpbusd (64 products of unsigned by signed
+ * 8-bit values, summed by fours into int32 lanes) adds 4 columns of each of 16 blocks, 8 of them a
+ * whole superblock, and each block's sum is then scaled in float32 by its own lane of scales.
+ *
+ * x is rounded per block of 32 columns to integers q of up to 15 bits (scale max |x| / 32512, to
+ * nearest), each held as two signed bytes, q = 256 h + l (h in -127..127, l in -128..127), so that
+ * q w = 256 h w + l w is two vpdpbusd of 8-bit operands: as precise as int16 x, in twice the dot
+ * instructions of int8 x (whose coarser rounding, a 254th of a block's largest entry, changed a
+ * real model's greedy answers) but a quarter of widening the weights to int16. Laid out to match
+ * the weights: per superblock 8 vectors v, each h then l, 64 bytes each, holding columns 4v ..
+ * 4v+3 of block i in bytes 4i .. 4i+3 (lanes past m zero). */
+#define LANES 16
+#define X_STEP 32512  /* 127 * 256: h stays within a signed byte */
+typedef struct {
+    int8_t* q;   /* (M, supers, 8, 2, 64), 64-byte aligned */
+    float* s;    /* (M, supers * LANES): each block's scale; 0 past the last block */
+    float* sum;  /* (M, supers * LANES): each block's sum of x as rounded (its scale times its sum of q) */
+} XSplit;
+
+static XSplit to_split_blocks(const float* x, int64_t M, int64_t K) {
+    const int64_t blocks = K / 32, supers = (blocks + LANES - 1) / LANES, lanes = supers * LANES;
+    XSplit r = {(int8_t*)aligned_alloc(64, M * supers * 1024), (float*)calloc(M * lanes, sizeof(float)),
+                (float*)calloc(M * lanes, sizeof(float))};
+    memset(r.q, 0, M * supers * 1024);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < blocks; b++) {
+            const float* xb = x + m * K + b * 32;
+            __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+            float big = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            __m512 inv = _mm512_set1_ps(big > 0 ? X_STEP / big : 0);
+            __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+            r.s[m * lanes + b] = big / X_STEP;
+            r.sum[m * lanes + b] = big / X_STEP * (float)(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+            const __m512i round = _mm512_set1_epi32(128);
+            __m512i h0 = _mm512_srai_epi32(_mm512_add_epi32(q0, round), 8), h1 = _mm512_srai_epi32(_mm512_add_epi32(q1, round), 8);
+            __m512i l0 = _mm512_sub_epi32(q0, _mm512_slli_epi32(h0, 8)), l1 = _mm512_sub_epi32(q1, _mm512_slli_epi32(h1, 8));
+            int8_t h[32], l[32];
+            _mm_storeu_si128((__m128i*)h, _mm512_cvtepi32_epi8(h0));
+            _mm_storeu_si128((__m128i*)(h + 16), _mm512_cvtepi32_epi8(h1));
+            _mm_storeu_si128((__m128i*)l, _mm512_cvtepi32_epi8(l0));
+            _mm_storeu_si128((__m128i*)(l + 16), _mm512_cvtepi32_epi8(l1));
+            int8_t* lane = r.q + (m * supers + b / LANES) * 1024 + (b % LANES) * 4;
+            for (int v = 0; v < 8; v++) {
+                memcpy(lane + v * 128, h + 4 * v, 4);
+                memcpy(lane + v * 128 + 64, l + 4 * v, 4);
+            }
+        }
+    return r;
 }
 
-/* int4: per 64-column chunk, the 32 bytes widened to int16 give columns k .. k+31 (low halves) and
- * k+32 .. k+63 (high halves) as 0..15; a group's sum of q x is exact in int32 over a unit of
- * min(G, XB) columns (within one group and one block of x), then scaled by the group's scale times
- * the block's. G is a power of two, 2^gshift. */
-ALWAYS_INLINE void row_int4(const int16_t* xq, const float* xs, const float* xsum, int64_t K, const uint8_t* wr,
-                            const uint16_t* sr, const uint16_t* zr, int64_t G, int gshift, float* y, int64_t N,
-                            const int tile) {
-    const __m512i low = _mm512_set1_epi16(15);
-    const int64_t blocks = (K + XB - 1) / XB, unit_mask = (G < XB ? G : XB) - 1, groups = K >> gshift;
+/* Row n of an int4 weight: for each row j of the tile, the sum over blocks of
+ * scale * (x's scale * sum(q_w q_x)) + (zero - 8 scale) * (x's block sum). Up to 4 rows keep the
+ * low and high halves' sums apart (four dependency chains a row). */
+ALWAYS_INLINE void row_int4(const XSplit* xi, int64_t K, const uint8_t* wr, const uint16_t* sr, const uint16_t* zr,
+                            int gshift, float* y, int64_t N, const int tile) {
+    const int64_t blocks = K / 32, supers = (blocks + LANES - 1) / LANES, lanes = supers * LANES;
+    const int four = tile <= 4;
+    const __m512i nibble = _mm512_set1_epi8(15);
+    const __m512i to_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               gshift - 5);  /* lane -> its group within the superblock */
     __m512 t[TILE];
-    __m512i a[TILE], b[TILE];
-    for (int j = 0; j < tile; j++) {
-        t[j] = _mm512_setzero_ps();
-        a[j] = b[j] = _mm512_setzero_si512();
-    }
-    for (int64_t k = 0; k < K; k += 64) {
-        __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(wr + k / 2)));
-        __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_srli_epi16(bytes, 4);
+    for (int j = 0; j < tile; j++) t[j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < supers; s++) {
+        const int64_t m = blocks - s * LANES < LANES ? blocks - s * LANES : LANES;
+        const uint8_t* ws = wr + s * 256;
+        const __mmask64 bytes = m == LANES ? ~(__mmask64)0 : (((__mmask64)1 << (4 * m)) - 1);
+        __m512i ah[TILE], al[TILE], bh[TILE], bl[TILE];
+        for (int j = 0; j < tile; j++) ah[j] = al[j] = bh[j] = bl[j] = _mm512_setzero_si512();
+        for (int p = 0; p < 4; p++) {
+            __m512i w = _mm512_maskz_loadu_epi8(bytes, ws + p * 4 * m);
+            __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+            for (int j = 0; j < tile; j++) {
+                const int8_t* xv = xi->q + (j * supers + s) * 1024 + p * 256;
+                ah[j] = _mm512_dpbusd_epi32(ah[j], lo, _mm512_load_si512(xv));
+                al[j] = _mm512_dpbusd_epi32(al[j], lo, _mm512_load_si512(xv + 64));
+                if (four) {
+                    bh[j] = _mm512_dpbusd_epi32(bh[j], hi, _mm512_load_si512(xv + 128));
+                    bl[j] = _mm512_dpbusd_epi32(bl[j], hi, _mm512_load_si512(xv + 192));
+                } else {
+                    ah[j] = _mm512_dpbusd_epi32(ah[j], hi, _mm512_load_si512(xv + 128));
+                    al[j] = _mm512_dpbusd_epi32(al[j], hi, _mm512_load_si512(xv + 192));
+                }
+            }
+        }
+        /* the superblock's scales and zeros, a lane (block) each */
+        const int64_t g0 = (s * LANES * 32) >> gshift, groups = (m * 32) >> gshift;
+        const __mmask16 gm = (__mmask16)((1u << groups) - 1);
+        __m512 sc = load_bf16x16(sr + g0, gm), zc = load_bf16x16(zr + g0, gm);
+        if (gshift > 5) {
+            sc = _mm512_permutexvar_ps(to_group, sc);
+            zc = _mm512_permutexvar_ps(to_group, zc);
+        }
+        const __m512 cz = _mm512_fnmadd_ps(_mm512_set1_ps(8), sc, zc);
         for (int j = 0; j < tile; j++) {
-            a[j] = _mm512_dpwssd_epi32(a[j], load_q(xq + j * K, k), lo);
-            b[j] = _mm512_dpwssd_epi32(b[j], load_q(xq + j * K, k + 32), hi);
-        }
-        if (G == 32) {  /* the two halves are groups of their own */
-            float s0 = bf16_to_float(sr[k >> 5]), s1 = bf16_to_float(sr[(k >> 5) + 1]);
-            for (int j = 0; j < tile; j++) {
-                float sx = xs[j * blocks + k / XB];
-                t[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[j]), _mm512_set1_ps(s0 * sx), t[j]);
-                t[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b[j]), _mm512_set1_ps(s1 * sx), t[j]);
-                a[j] = b[j] = _mm512_setzero_si512();
-            }
-        } else if (((k + 64) & unit_mask) == 0) {
-            float sw = bf16_to_float(sr[k >> gshift]);
-            for (int j = 0; j < tile; j++) {
-                __m512 f = _mm512_set1_ps(sw * xs[j * blocks + k / XB]);
-                t[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[j], b[j])), f, t[j]);
-                a[j] = b[j] = _mm512_setzero_si512();
-            }
+            const float* xs = xi->s + j * lanes + s * LANES;
+            const float* xsum = xi->sum + j * lanes + s * LANES;
+            __m512i q = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(ah[j], bh[j]), 8), _mm512_add_epi32(al[j], bl[j]));
+            t[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(sc, _mm512_loadu_ps(xs)), t[j]);
+            t[j] = _mm512_fmadd_ps(cz, _mm512_loadu_ps(xsum), t[j]);
         }
     }
-    for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(t[j]) + zero_term(sr, zr, xsum + j * groups, groups);
+    for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(t[j]);
 }
 
 void gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales, const uint16_t* zeros,
                int64_t G, int64_t N, float* y, int threads) {
-    int64_t groups = K / G, blocks = (K + XB - 1) / XB;
-    int gshift = __builtin_ctzll((unsigned long long)G);
-    XInt16 xi = to_int16(x, M, K);
-    float* xsum = (float*)malloc(M * groups * sizeof(float));  /* of x as rounded: the product is of x as rounded */
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < groups; g++) {
-            float t = 0;
-            for (int64_t k = g * G; k < (g + 1) * G; k++) t += xi.q[m * K + k] * xi.s[m * blocks + k / XB];
-            xsum[m * groups + g] = t;
-        }
+    const int64_t groups = K / G, supers = (K / 32 + LANES - 1) / LANES, lanes = supers * LANES;
+    const int gshift = __builtin_ctzll((unsigned long long)G);
+    XSplit xi = to_split_blocks(x, M, K);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
-#define INT4(t) row_int4(xi.q + m0 * K, xi.s + m0 * blocks, xsum + m0 * groups, K, w + n * K / 2, scales + n * groups, \
-                         zeros + n * groups, G, gshift, y + m0 * N + n, N, t)
+#define INT4(t)                                                                                                    \
+    do {                                                                                                           \
+        XSplit rows = {xi.q + m0 * supers * 1024, xi.s + m0 * lanes, xi.sum + m0 * lanes};                           \
+        row_int4(&rows, K, w + n * K / 2, scales + n * groups, zeros + n * groups, gshift, y + m0 * N + n, N, t); \
+    } while (0)
         FOR_TILES(M, INT4)
     }
     free(xi.q);
     free(xi.s);
-    free(xsum);
+    free(xi.sum);
+}
+
+/* Column k (of K) of an int4 row in the layout above. */
+static inline int int4_at(const uint8_t* row, int64_t K, int64_t k) {
+    const int64_t b = k / 32, c = k % 32, s = b / LANES, i = b % LANES;
+    const int64_t m = K / 32 - s * LANES < LANES ? K / 32 - s * LANES : LANES;
+    const uint8_t byte = row[s * 256 + (c / 8) * 4 * m + i * 4 + c % 4];
+    return c % 8 < 4 ? byte & 15 : byte >> 4;
 }
 
 /* The int4 weight as bfloat16, (N, K): for products of many rows (a prompt), which PyTorch's
@@ -308,18 +394,13 @@ void dequantize_int4(const uint8_t* w, const uint16_t* scales, const uint16_t* z
     int64_t groups = K / G;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
-        for (int64_t k = 0; k < K; k += 32) {
-            const uint8_t* chunk = w + n * K / 2 + (k / 64) * 32;
+        for (int64_t k = 0; k < K; k++) {
             float s = bf16_to_float(scales[n * groups + k / G]), z = bf16_to_float(zeros[n * groups + k / G]);
-            for (int j = 0; j < 32; j++) {
-                uint8_t b = chunk[j];
-                int q = k % 64 == 0 ? (b & 15) : (b >> 4);
-                float v = ((float)q - 8) * s + z;
-                uint32_t u;
-                memcpy(&u, &v, 4);
-                u += 0x7FFF + ((u >> 16) & 1);  /* round to nearest even (finite values) */
-                out[n * K + k + j] = (uint16_t)(u >> 16);
-            }
+            float v = ((float)int4_at(w + n * K / 2, K, k) - 8) * s + z;
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            u += 0x7FFF + ((u >> 16) & 1);  /* round to nearest even (finite values) */
+            out[n * K + k] = (uint16_t)(u >> 16);
         }
     }
 }

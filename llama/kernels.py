@@ -164,7 +164,7 @@ def int4_weight(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     per group of `group_size` input columns a scale and a zero (N, K / group_size); the weight is
     (values - 8) * scale + zero. Packed here, for the device: the layouts differ."""
     n, k = values.shape
-    if native.takes(0, k, device, native.INT4_CHUNK):  # held in the kernels' layout on the CPU
+    if native.takes(0, k, device):  # held in the kernels' layout on the CPU
         # copies, so that no tensor here keeps a memory-mapped checkpoint file (and what was read of it) alive
         return QuantizedWeight("int4", native.pack_int4(values), scales.to(ACTIVATIONS, copy=True), group_size,
                                (n, k), zeros.to(ACTIVATIONS, copy=True))

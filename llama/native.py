@@ -9,8 +9,8 @@ code and by torch.compile's generated code alike), are built once per machine an
 -march=native -fopenmp`, then `c++` against PyTorch's headers: about ten seconds) into a cache
 folder (`$LLAMA_NATIVE_CACHE`, default `~/.cache/codellama/native`).
 
-Where they cannot serve (no C or C++ compiler, a CPU without AVX-512 VNNI and BF16,
-`LLAMA_NATIVE=0`), `kernels()` is None and PyTorch's kernels are used (llama/kernels.py,
+Where they cannot serve (no C or C++ compiler, a CPU without AVX-512 VNNI: they need Intel Cascade
+Lake, Ice Lake or Sapphire Rapids, AMD Zen 4 or later; `LLAMA_NATIVE=0`), `kernels()` is None and PyTorch's kernels are used (llama/kernels.py,
 llama/attention.py): the answers are the same up to rounding. `why_not()` says which.
 """
 
@@ -34,9 +34,10 @@ TORCH = Path(torch.__file__).parent  # its headers and libraries (what torch.uti
 #                                      importing it: it needs setuptools)
 C_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 MAX_ROWS = 16  # rows of x (a decode batch) up to which these kernels beat PyTorch's products
-CHUNK = 32  # K must be a multiple of this (of INT4_CHUNK for int4 weights)
-INT4_CHUNK = 64
-X_BLOCK = 128  # the integer kernels round x to int16 in blocks of this many columns, a scale each (gemv.c XB)
+CHUNK = 32  # K must be a multiple of this
+X_BLOCK = 128  # the int8 kernel rounds x to int16 in blocks of this many columns, a scale each (gemv.c XB)
+INT4_X_BLOCK = 32  # the int4 kernel rounds x to 15-bit integers in blocks of this many columns, a scale each (gemv.c)
+INT4_LANES = 16  # blocks of 32 columns in one of the int4 layout's superblocks (gemv.c LANES)
 
 # The operators' schemas; llama/ops.cpp implements them for the CPU when the library loads.
 OPERATORS = torch.library.Library("llama", "DEF")
@@ -113,7 +114,7 @@ def build() -> "tuple[Optional[ctypes.CDLL], str]":
             return None, problem
     lib = ctypes.CDLL(str(path))
     if not lib.native_supported():
-        return None, "this CPU lacks AVX-512 with VNNI and BF16"
+        return None, "this CPU lacks AVX-512 with VNNI (Intel Cascade Lake or later, AMD Zen 4 or later have it)"
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.dequantize_int4.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i32]
     lib.dequantize_int4.restype = None
@@ -138,7 +139,7 @@ def why_not() -> str:
 
 def takes(rows: int, k: int, device: torch.device, chunk: int = CHUNK) -> bool:
     """Whether these kernels take a product of `rows` rows of width `k` on `device` (and beat
-    PyTorch's there): a few rows, on the CPU, k a multiple of `chunk` (INT4_CHUNK for int4)."""
+    PyTorch's there): a few rows, on the CPU, k a multiple of `chunk`."""
     return rows <= MAX_ROWS and device.type == "cpu" and k % chunk == 0 and available()
 
 
@@ -165,11 +166,16 @@ def dequantize_int4(data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
-    """values (N, K) in [0, 15] -> gemv.c's int4 layout (N, K / 2) uint8: in each 64-column chunk,
-    byte j holds column j (low half) and column j + 32 (high half)."""
+    """values (N, K) in [0, 15] -> gemv.c's int4 layout (N, K / 2) uint8. Each row in blocks of 32
+    columns, 16 blocks (256 bytes) at a time, the last group of blocks holding m <= 16: 4 vectors
+    of 4m bytes, bytes 4i .. 4i+3 of vector p holding columns 8p .. 8p+3 of block i in their low
+    halves and 8p+4 .. 8p+7 in their high halves (a vector lane is a block)."""
     n, k = values.shape
-    chunks = values.to(torch.uint8).reshape(n, k // INT4_CHUNK, 2, INT4_CHUNK // 2)
-    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    blocks = values.to(torch.uint8).reshape(n, k // 32, 4, 2, 4)  # (row, block, p, half, column)
+    nibbles = blocks[:, :, :, 0] | (blocks[:, :, :, 1] << 4)  # (row, block, p, column)
+    parts = [nibbles[:, b:b + INT4_LANES].transpose(1, 2).reshape(n, -1)  # (row, p, block, column)
+             for b in range(0, k // 32, INT4_LANES)]
+    return torch.cat(parts, dim=1).contiguous()
 
 
 def matvec(x: torch.Tensor, kind: str, data: torch.Tensor, scales: Optional[torch.Tensor] = None,

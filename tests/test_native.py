@@ -64,36 +64,68 @@ def test_int8_kernel(rows, k):
     assert within(got, x, dequantize(t), int16_error(x))  # the row's scale multiplies a float32 sum
 
 
+def int4_x_error(x: torch.Tensor) -> torch.Tensor:
+    """The most the int4 kernel's rounding of x moves each entry: x is held per block of
+    native.INT4_X_BLOCK columns as integers q times s = max |x| / 32512 of the block, rounded to
+    nearest (s / 2), the float32 product x / s and s itself each a unit roundoff off (under 0.01 s)."""
+    blocks = x.abs().split(native.INT4_X_BLOCK, dim=1)
+    return torch.cat([(b.amax(dim=1, keepdim=True) / 32512 * 0.51).expand_as(b) for b in blocks], dim=1).double()
+
+
+# (group, K): whole superblocks of 16 blocks of 32 columns, and a last one of fewer blocks (576 =
+# 16 + 2 blocks, 1152 = 32 + 4, 1280 = 32 + 8), groups spanning 1, 2, 4 and 8 blocks
+INT4_SHAPES = [(32, 32), (32, 576), (64, 576), (128, 512), (128, 1152), (256, 1280)]
+
+
 @NEEDS
-@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("group,k", INT4_SHAPES)
 @pytest.mark.parametrize("rows", [1, 3, 4, 6, 16])
-def test_int4_kernel(rows, group):
-    x, w = operands(rows, 576 if group < 128 else 512)  # 576: a short last block of x
-    x[0, 200] = 300.0  # an outlier: its block of x is rounded more coarsely than the others
+def test_int4_kernel(rows, group, k):
+    x, w = operands(rows, k)
+    x[0, k // 3] = 300.0  # an outlier: its block of x is rounded more coarsely than the others
     w[3] += 4.0  # groups far from zero: the zero term carries them
     t = quantize(w, Scheme("int4", group))
     weight = kernel_weight(t, torch.device("cpu"))
-    assert weight.zeros is not None and weight.data.shape == (40, w.shape[1] // 2)
+    assert weight.zeros is not None and weight.data.shape == (40, k // 2)
     got = native.matvec(x, "int4", weight.data, weight.scales, weight.zeros, group, 40)
-    # x rounded to int16 per block (int16_error a term); then float32 sums of scale * q x and of
+    # x rounded per block (int4_x_error a term); then float32 sums of scale * q x and of
     # (zero - 8 scale) x, K 2**-23 of those terms' magnitudes
     deq = dequantize(t).double()
     q = t.values.double()
     s = t.scale.double().repeat_interleave(group, 1)
     c = t.zero.double().repeat_interleave(group, 1) - 8 * s
     xd = x.double()
-    bound = int16_error(x) @ deq.abs().T + w.shape[1] * 2**-23 * (xd.abs() @ (q * s.abs() + c.abs()).T)
+    bound = int4_x_error(x) @ deq.abs().T + k * 2**-23 * (xd.abs() @ (q * s.abs() + c.abs()).T)
     assert ((got.double() - xd @ deq.T).abs() <= bound).all()
+    # the bound is tight enough to see a wrong layout: the same product with the weight's blocks
+    # read in another order misses it
+    wrong = weight.data.view(40, -1, 16).flip(1).reshape(40, -1).contiguous() if k >= 512 else None
+    if wrong is not None:
+        bad = native.matvec(x, "int4", wrong, weight.scales, weight.zeros, group, 40)
+        assert not ((bad.double() - xd @ deq.T).abs() <= bound).all()
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """gemv.c's int4 layout read back column by column, as its comment describes it: column k of a
+    row is in block b = k // 32 at c = k % 32; the blocks come 16 to 256 bytes, the last m <= 16
+    of a row after the whole ones; in those, the byte 4 m (c // 8) + 4 (b % 16) + c % 4 holds it,
+    in its low half if c % 8 < 4."""
+    out = torch.empty(packed.shape[0], k, dtype=torch.uint8)
+    blocks = k // 32
+    for col in range(k):
+        b, c = divmod(col, 32)
+        m = min(16, blocks - b // 16 * 16)
+        byte = packed[:, b // 16 * 256 + 4 * m * (c // 8) + 4 * (b % 16) + c % 4]
+        out[:, col] = byte & 15 if c % 8 < 4 else byte >> 4
+    return out
 
 
 @NEEDS
-def test_int4_packing_round_trips():
+@pytest.mark.parametrize("k", [32, 512, 576])
+def test_int4_packing_round_trips(k):
     g = torch.Generator().manual_seed(3)
-    values = torch.randint(0, 16, (8, 192), generator=g, dtype=torch.uint8)
-    packed = native.pack_int4(values)
-    low, high = packed & 15, packed >> 4
-    unpacked = torch.stack([low.view(8, 3, 32), high.view(8, 3, 32)], dim=2).reshape(8, 192)
-    assert torch.equal(unpacked, values)
+    values = torch.randint(0, 16, (8, k), generator=g, dtype=torch.uint8)
+    assert torch.equal(unpack_int4(native.pack_int4(values), k), values)
 
 
 @NEEDS

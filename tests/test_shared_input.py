@@ -40,7 +40,7 @@ def test_join_stacks_adjacent_weights_as_views():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_join_stacks_quantized_weights_field_by_field(mode):
-    if mode == "int4" and not native.takes(0, 128, CPU, native.INT4_CHUNK):
+    if mode == "int4" and not native.takes(0, 128, CPU):
         pytest.skip(f"int4 is joined in the project's kernels' layout only: {native.why_not()}")
     g = torch.Generator().manual_seed(1)
     parts = [kernel_weight(quantize(torch.randn(n, 128, generator=g), Scheme(mode, None if mode == "int8" else 64)), CPU)
