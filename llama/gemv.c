@@ -76,6 +76,28 @@ static inline float bf16_to_float(uint16_t b) {
 #define FOR_TILES(M, body) FOR_TILES_UP_TO(TILE, M, body)
 #define FOR_WIDE_TILES(M, body) FOR_TILES_UP_TO(WIDE_TILE, M, body)
 
+/* Batch 1 (one row of x): each thread takes ROWS rows of W at once, ROWS streams read side by
+ * side. On Intel's server cores a single stream per core reads at about two thirds of what four do
+ * (the hardware prefetcher follows each stream within a page; MKL's float32 product reads several
+ * rows at once too); AMD's Zen 4 reads a single stream at full speed, where it is measured best.
+ * native.py sets ROWS by the CPU's vendor. `body(r)`: rows n .. n+r-1 of W, r <= ROWS. */
+#ifndef ROWS
+#define ROWS 1
+#endif
+#if ROWS > 4
+#error "ROWS is at most 4"
+#endif
+#define FOR_ROW_GROUPS(N, body)                                                                 \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                           \
+    for (int64_t n = 0; n < (N); n += ROWS) {                                                   \
+        switch ((N) - n < ROWS ? (N) - n : ROWS) {                                              \
+            case 1: body(1); break;                                                             \
+            case 2: body(2); break;                                                             \
+            case 3: body(3); break;                                                             \
+            default: body(ROWS); break;                                                         \
+        }                                                                                       \
+    }
+
 /* Two accumulators a row (alternate halves of each chunk: two dependency chains) where the tile
  * leaves registers for them, one beyond 8 rows. */
 ALWAYS_INLINE void row_f32(const float* x, int64_t K, const float* wr, int64_t N, float* y, const int tile) {
@@ -93,7 +115,26 @@ ALWAYS_INLINE void row_f32(const float* x, int64_t K, const float* wr, int64_t N
     for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
 }
 
+/* Batch 1: rows 0 .. R-1 of W (row stride K) times one row of x. */
+ALWAYS_INLINE void rows_f32(const float* x, int64_t K, const float* wr, float* y, const int R) {
+    __m512 a[4], b[4];
+    for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+        for (int r = 0; r < R; r++) {
+            a[r] = _mm512_fmadd_ps(x0, _mm512_loadu_ps(wr + r * K + k), a[r]);
+            b[r] = _mm512_fmadd_ps(x1, _mm512_loadu_ps(wr + r * K + k + 16), b[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+}
+
 void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int threads) {
+    if (M == 1 && ROWS > 1) {
+#define F32_ROWS(r) rows_f32(x, K, w + n * K, y + n, r)
+        FOR_ROW_GROUPS(N, F32_ROWS)
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
 #define F32(t) row_f32(x + m0 * K, K, w + n * K, N, y + m0 * N + n, t)
@@ -131,8 +172,23 @@ ALWAYS_INLINE void row_bf16(const __m512bh* xb, int64_t K, const uint16_t* wr, f
     for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
 }
 
+/* Batch 1: rows 0 .. R-1 of W (row stride K) times one row of x. */
+ALWAYS_INLINE void rows_bf16(const __m512bh* xb, int64_t K, const uint16_t* wr, float* y, const int R) {
+    __m512 a[4];
+    for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32)
+        for (int r = 0; r < R; r++) a[r] = _mm512_dpbf16_ps(a[r], xb[k / 32], (__m512bh)_mm512_loadu_si512(wr + r * K + k));
+    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(a[r]);
+}
+
 void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int threads) {
     __m512bh* xb = to_bf16(x, M, K);
+    if (M == 1 && ROWS > 1) {
+#define BF16_ROWS(r) rows_bf16(xb, K, w + n * K, y + n, r)
+        FOR_ROW_GROUPS(N, BF16_ROWS)
+        free(xb);
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
 #define BF16(t) row_bf16(xb + m0 * K / 32, K, w + n * K, y + m0 * N + n, N, t)
@@ -162,7 +218,26 @@ ALWAYS_INLINE void row_bf16(const float* x, int64_t K, const uint16_t* wr, float
     for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
 }
 
+/* Batch 1: rows 0 .. R-1 of W (row stride K) times one row of x. */
+ALWAYS_INLINE void rows_bf16(const float* x, int64_t K, const uint16_t* wr, float* y, const int R) {
+    __m512 a[4], b[4];
+    for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+        for (int r = 0; r < R; r++) {
+            a[r] = _mm512_fmadd_ps(x0, widen_bf16(wr + r * K + k), a[r]);
+            b[r] = _mm512_fmadd_ps(x1, widen_bf16(wr + r * K + k + 16), b[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+}
+
 void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int threads) {
+    if (M == 1 && ROWS > 1) {
+#define BF16_ROWS(r) rows_bf16(x, K, w + n * K, y + n, r)
+        FOR_ROW_GROUPS(N, BF16_ROWS)
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
 #define BF16(t) row_bf16(x + m0 * K, K, w + n * K, y + m0 * N + n, N, t)
@@ -234,10 +309,37 @@ ALWAYS_INLINE void row_int8(const int16_t* xq, const float* xs, int64_t K, const
     for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(t[j]) * scale;
 }
 
+/* Batch 1: rows 0 .. R-1 of W (row stride K, scales sr) times one row of x. */
+ALWAYS_INLINE void rows_int8(const int16_t* xq, const float* xs, int64_t K, const int8_t* wr, const uint16_t* sr,
+                             float* y, const int R) {
+    __m512 t[4];
+    for (int r = 0; r < R; r++) t[r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += XB) {
+        int64_t k1 = k0 + XB < K ? k0 + XB : K;
+        __m512i a[4];
+        for (int r = 0; r < R; r++) a[r] = _mm512_setzero_si512();
+        for (int64_t k = k0; k < k1; k += 32) {
+            __m512i xv = load_q(xq, k);
+            for (int r = 0; r < R; r++)
+                a[r] = _mm512_dpwssd_epi32(a[r], xv, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + r * K + k))));
+        }
+        for (int r = 0; r < R; r++)
+            t[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]), _mm512_set1_ps(xs[k0 / XB]), t[r]);
+    }
+    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(t[r]) * bf16_to_float(sr[r]);
+}
+
 void gemv_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t N, float* y,
                int threads) {
     XInt16 xi = to_int16(x, M, K);
     int64_t blocks = (K + XB - 1) / XB;
+    if (M == 1 && ROWS > 1) {
+#define INT8_ROWS(r) rows_int8(xi.q, xi.s, K, w + n * K, scales + n, y + n, r)
+        FOR_ROW_GROUPS(N, INT8_ROWS)
+        free(xi.q);
+        free(xi.s);
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
 #define INT8(t) row_int8(xi.q + m0 * K, xi.s + m0 * blocks, K, w + n * K, y + m0 * N + n, N, bf16_to_float(scales[n]), t)
@@ -360,11 +462,61 @@ ALWAYS_INLINE void row_int4(const XSplit* xi, int64_t K, const uint8_t* wr, cons
     for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(t[j]);
 }
 
+/* Batch 1: rows 0 .. R-1 of W (row stride K / 2 bytes, `groups` scales and zeros) times one row of x. */
+ALWAYS_INLINE void rows_int4(const XSplit* xi, int64_t K, const uint8_t* wr, const uint16_t* sr, const uint16_t* zr,
+                             int64_t groups, int gshift, float* y, const int R) {
+    const int64_t blocks = K / 32, supers = (blocks + LANES - 1) / LANES;
+    const __m512i nibble = _mm512_set1_epi8(15);
+    const __m512i to_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               gshift - 5);
+    __m512 t[4];
+    for (int r = 0; r < R; r++) t[r] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < supers; s++) {
+        const int64_t m = blocks - s * LANES < LANES ? blocks - s * LANES : LANES;
+        const __mmask64 bytes = m == LANES ? ~(__mmask64)0 : (((__mmask64)1 << (4 * m)) - 1);
+        const int8_t* xv = xi->q + s * 1024;
+        __m512i ah[4], al[4];
+        for (int r = 0; r < R; r++) ah[r] = al[r] = _mm512_setzero_si512();
+        for (int p = 0; p < 4; p++) {
+            const __m512i xh0 = _mm512_load_si512(xv + p * 256), xl0 = _mm512_load_si512(xv + p * 256 + 64);
+            const __m512i xh1 = _mm512_load_si512(xv + p * 256 + 128), xl1 = _mm512_load_si512(xv + p * 256 + 192);
+            for (int r = 0; r < R; r++) {
+                __m512i w = _mm512_maskz_loadu_epi8(bytes, wr + r * K / 2 + s * 256 + p * 4 * m);
+                __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+                ah[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ah[r], lo, xh0), hi, xh1);
+                al[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(al[r], lo, xl0), hi, xl1);
+            }
+        }
+        const int64_t g0 = (s * LANES * 32) >> gshift;
+        const __mmask16 gm = (__mmask16)((1u << ((m * 32) >> gshift)) - 1);
+        const __m512 xs = _mm512_loadu_ps(xi->s + s * LANES), xsum = _mm512_loadu_ps(xi->sum + s * LANES);
+        for (int r = 0; r < R; r++) {
+            __m512 sc = load_bf16x16(sr + r * groups + g0, gm), zc = load_bf16x16(zr + r * groups + g0, gm);
+            if (gshift > 5) {
+                sc = _mm512_permutexvar_ps(to_group, sc);
+                zc = _mm512_permutexvar_ps(to_group, zc);
+            }
+            __m512i q = _mm512_add_epi32(_mm512_slli_epi32(ah[r], 8), al[r]);
+            t[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(sc, xs), t[r]);
+            t[r] = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8), sc, zc), xsum, t[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(t[r]);
+}
+
 void gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales, const uint16_t* zeros,
                int64_t G, int64_t N, float* y, int threads) {
     const int64_t groups = K / G, supers = (K / 32 + LANES - 1) / LANES, lanes = supers * LANES;
     const int gshift = __builtin_ctzll((unsigned long long)G);
     XSplit xi = to_split_blocks(x, M, K);
+    if (M == 1 && ROWS > 1) {
+#define INT4_ROWS(r) rows_int4(&xi, K, w + n * K / 2, scales + n * groups, zeros + n * groups, groups, gshift, y + n, r)
+        FOR_ROW_GROUPS(N, INT4_ROWS)
+        free(xi.q);
+        free(xi.s);
+        free(xi.sum);
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
 #define INT4(t)                                                                                                    \

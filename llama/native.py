@@ -59,6 +59,25 @@ def cache_folder() -> Path:
     return Path(os.environ.get("LLAMA_NATIVE_CACHE") or Path.home() / ".cache" / "codellama" / "native")
 
 
+def rows_at_once() -> int:
+    """Rows of W each thread reads side by side in a batch-1 product (gemv.c ROWS): 4 on Intel,
+    whose cores read a single stream at about two thirds of their bandwidth, 1 elsewhere (AMD's
+    Zen 4 reads one stream at full speed, measured so); `$LLAMA_NATIVE_ROWS` (1 to 4) overrides."""
+    chosen = os.environ.get("LLAMA_NATIVE_ROWS")
+    if chosen:
+        if chosen not in ("1", "2", "3", "4"):
+            raise ValueError(f"LLAMA_NATIVE_ROWS must be 1, 2, 3 or 4, not {chosen!r}")
+        return int(chosen)
+    try:
+        return 4 if "GenuineIntel" in Path("/proc/cpuinfo").read_text() else 1
+    except OSError:
+        return 1
+
+
+def c_flags() -> List[str]:
+    return C_FLAGS + [f"-DROWS={rows_at_once()}"]
+
+
 def cpu_signature() -> str:
     """What -march=native depends on: the CPU's model and flags."""
     try:
@@ -90,7 +109,7 @@ def compile_library(path: Path) -> str:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         objects = [str(Path(tmp) / (src.stem + ".o")) for src in C_SOURCES]
         out = str(Path(tmp) / path.name)
-        steps = [(src.name, [cc, *C_FLAGS, "-c", str(src), "-o", obj]) for src, obj in zip(C_SOURCES, objects)]
+        steps = [(src.name, [cc, *c_flags(), "-c", str(src), "-o", obj]) for src, obj in zip(C_SOURCES, objects)]
         for name, command in steps + [(CPP_SOURCE.name, cpp_command(cxx, objects, out))]:
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
@@ -106,7 +125,7 @@ def build() -> "tuple[Optional[ctypes.CDLL], str]":
     if os.environ.get("LLAMA_NATIVE", "1") == "0":
         return None, "LLAMA_NATIVE=0"
     sources = b"".join(src.read_bytes() for src in C_SOURCES + [CPP_SOURCE])
-    key = hashlib.sha256(sources + " ".join(C_FLAGS).encode() + torch.__version__.encode() + cpu_signature().encode())
+    key = hashlib.sha256(sources + " ".join(c_flags()).encode() + torch.__version__.encode() + cpu_signature().encode())
     path = cache_folder() / f"kernels-{key.hexdigest()[:16]}.so"
     if not path.exists():
         problem = compile_library(path)

@@ -21,7 +21,7 @@ U = torch.finfo(torch.bfloat16).eps / 2  # bfloat16's unit roundoff
 NEEDS = pytest.mark.skipif(not native.available(), reason=f"the project's CPU kernels cannot serve here: {native.why_not()}")
 
 
-def operands(rows: int, k: int, n: int = 40, seed: int = 0):
+def operands(rows: int, k: int, n: int = 43, seed: int = 0):  # 43 rows of W: whole groups of up to 4 and a rest
     g = torch.Generator().manual_seed(seed)
     return torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g) * 0.05
 
@@ -86,8 +86,9 @@ def test_int4_kernel(rows, group, k):
     w[3] += 4.0  # groups far from zero: the zero term carries them
     t = quantize(w, Scheme("int4", group))
     weight = kernel_weight(t, torch.device("cpu"))
-    assert weight.zeros is not None and weight.data.shape == (40, k // 2)
-    got = native.matvec(x, "int4", weight.data, weight.scales, weight.zeros, group, 40)
+    n = w.shape[0]
+    assert weight.zeros is not None and weight.data.shape == (n, k // 2)
+    got = native.matvec(x, "int4", weight.data, weight.scales, weight.zeros, group, n)
     # x rounded per block (int4_x_error a term); then float32 sums of scale * q x and of
     # (zero - 8 scale) x, K 2**-23 of those terms' magnitudes
     deq = dequantize(t).double()
@@ -99,9 +100,9 @@ def test_int4_kernel(rows, group, k):
     assert ((got.double() - xd @ deq.T).abs() <= bound).all()
     # the bound is tight enough to see a wrong layout: the same product with the weight's blocks
     # read in another order misses it
-    wrong = weight.data.view(40, -1, 16).flip(1).reshape(40, -1).contiguous() if k >= 512 else None
+    wrong = weight.data.view(n, -1, 16).flip(1).reshape(n, -1).contiguous() if k >= 512 else None
     if wrong is not None:
-        bad = native.matvec(x, "int4", wrong, weight.scales, weight.zeros, group, 40)
+        bad = native.matvec(x, "int4", wrong, weight.scales, weight.zeros, group, n)
         assert not ((bad.double() - xd @ deq.T).abs() <= bound).all()
 
 
@@ -189,6 +190,25 @@ def test_compiles_once_into_the_cache_folder(tmp_path):
     assert built[0].stat().st_mtime_ns == stamp
     missing = run_python(code, LLAMA_NATIVE_CACHE=str(tmp_path / "other"), CC="no-such-compiler")
     assert missing.strip() == "False \"no C compiler ('no-such-compiler' not found; set CC)\""
+
+
+@NEEDS
+def test_rows_at_once(tmp_path):
+    """The batch-1 kernels that read several rows of W side by side (LLAMA_NATIVE_ROWS, chosen by
+    the CPU's vendor: native.rows_at_once) pass the kernel tests above at a count this machine does
+    not use by default (3, so that 43 rows end in a group of 1), built into a cache of their own."""
+    rows = "3" if native.rows_at_once() != 3 else "2"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "float_kernels or int8_kernel or int4_kernel"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "LLAMA_NATIVE_ROWS": rows, "LLAMA_NATIVE_CACHE": str(tmp_path)})
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(list(tmp_path.glob("kernels-*.so"))) == 1
+
+
+def test_rows_at_once_is_checked(monkeypatch):
+    monkeypatch.setenv("LLAMA_NATIVE_ROWS", "8")
+    with pytest.raises(ValueError, match="LLAMA_NATIVE_ROWS must be 1, 2, 3 or 4"):
+        native.rows_at_once()
 
 
 def test_importing_needs_no_setuptools():
