@@ -11,12 +11,15 @@ zero per group of input columns. Which kernel multiplies:
   int8, and for int4 `_weight_int4pack_mm(_for_cpu)` on its packed layout (on a CPU with the
   project's kernels, int4 is held in theirs); on the CPU many rows (a prompt) multiply the
   weights widened to bfloat16 with PyTorch's bfloat16 product, which beats its int8 and int4
-  kernels there (int8 values are exact in bfloat16; int4's dequantized values are rounded to it).
+  kernels there (int8 values are exact in bfloat16; int4's dequantized values are rounded to it),
+  or to float32 on a CPU without native bfloat16 products (`wide_dtype`), where bfloat16 weights'
+  prompts are multiplied in float32 too.
 PyTorch's quantized kernels take bfloat16 activations (its int8 kernel is about 10x slower on
 float32 ones on the CPU), the project's take them rounded to int16 per block of 128 columns (more
 precise than bfloat16); all accumulate in float32, and results come back in the activations' dtype.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -52,6 +55,22 @@ class QuantizedWeight:
         return self.data.nbytes + self.scales.nbytes + (0 if self.zeros is None else self.zeros.nbytes)
 
 
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX: Intel Sapphire
+    Rapids, AMD Zen 4 and later). Elsewhere (Intel Ice Lake, say) PyTorch's bfloat16 products run
+    at about a third of its float32 ones."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return probe is None or bool(probe())
+
+
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """What many rows (a prompt) of a bfloat16 or quantized product are multiplied in: bfloat16,
+    or float32 on a CPU that does not multiply bfloat16 natively."""
+    return ACTIVATIONS if device.type != "cpu" or cpu_multiplies_bfloat16() else torch.float32
+
+
 def linear(x: torch.Tensor, weight) -> torch.Tensor:
     """x W^T, for a float weight (N, K) or a QuantizedWeight. On the CPU, a few rows (decoding a
     small batch) of a float product go 2-3x faster as (W x^T)^T: MKL's kernels for a short, wide
@@ -62,6 +81,8 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
     kind = native.float_kind(weight, rows)
     if kind is not None:
         return native.matvec(x, kind, weight)
+    if weight.dtype == torch.bfloat16 and rows > native.MAX_ROWS and wide_dtype(weight.device) == torch.float32:
+        return F.linear(x.float(), weight.float()).to(x.dtype)
     if x.device.type == "cpu" and 1 < rows <= 128:
         return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
@@ -113,12 +134,14 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
         if rows <= native.MAX_ROWS or torch.compiler.is_compiling():
             return native.matvec(x, "int4", weight.data, weight.scales, weight.zeros, weight.group_size, n)
         w = native.dequantize_int4(weight.data, weight.scales, weight.zeros, weight.group_size, weight.shape)
-        return F.linear(x.to(ACTIVATIONS), w).to(x.dtype)
+        wide = wide_dtype(weight.device)
+        return F.linear(x.to(wide), w.to(wide)).to(x.dtype)
     if weight.format == "int8" and weight.device.type == "cpu":
         if native.takes(rows, k, weight.device):
             return native.matvec(x, "int8", weight.data, weight.scales)
         if rows > native.MAX_ROWS:  # PyTorch's bfloat16 product beats its int8 kernel here (2.5x at 512 rows)
-            y = F.linear(x.to(ACTIVATIONS), weight.data.to(ACTIVATIONS))  # int8 values are exact in bfloat16
+            wide = wide_dtype(weight.device)  # int8 values are exact in bfloat16
+            y = F.linear(x.to(wide), weight.data.to(wide))
             return (y.float() * weight.scales.float()).to(x.dtype)
     a = x.reshape(-1, x.shape[-1]).to(ACTIVATIONS).contiguous()  # (rows, K)
     if weight.format == "int8":
