@@ -12,8 +12,7 @@ zero per group of input columns. Which kernel multiplies:
   project's kernels, int4 is held in theirs); on the CPU many rows (a prompt) multiply the
   weights widened to bfloat16 with PyTorch's bfloat16 product, which beats its int8 and int4
   kernels there (int8 values are exact in bfloat16; int4's dequantized values are rounded to it),
-  or to float32 on a CPU without native bfloat16 products (`wide_dtype`), where bfloat16 weights'
-  prompts are multiplied in float32 too.
+  or to float32 on a CPU without native bfloat16 products (`wide_dtype`: 3x faster there).
 PyTorch's quantized kernels take bfloat16 activations (its int8 kernel is about 10x slower on
 float32 ones on the CPU), the project's take them rounded to int16 per block of 128 columns (more
 precise than bfloat16); all accumulate in float32, and results come back in the activations' dtype.
@@ -66,8 +65,8 @@ def cpu_multiplies_bfloat16() -> bool:
 
 
 def wide_dtype(device: torch.device) -> torch.dtype:
-    """What many rows (a prompt) of a bfloat16 or quantized product are multiplied in: bfloat16,
-    or float32 on a CPU that does not multiply bfloat16 natively."""
+    """What many rows (a prompt) of a quantized product are multiplied in: bfloat16, or float32 on
+    a CPU that does not multiply bfloat16 natively."""
     return ACTIVATIONS if device.type != "cpu" or cpu_multiplies_bfloat16() else torch.float32
 
 
@@ -81,8 +80,6 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
     kind = native.float_kind(weight, rows)
     if kind is not None:
         return native.matvec(x, kind, weight)
-    if weight.dtype == torch.bfloat16 and rows > native.MAX_ROWS and wide_dtype(weight.device) == torch.float32:
-        return F.linear(x.float(), weight.float()).to(x.dtype)
     if x.device.type == "cpu" and 1 < rows <= 128:
         return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)

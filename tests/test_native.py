@@ -161,25 +161,21 @@ def test_many_rows_match_few_rows(mode):
 def test_prompts_multiply_in_float32_without_native_bfloat16(monkeypatch):
     """On a CPU without native bfloat16 products (kernels.cpu_multiplies_bfloat16 false: Intel Ice
     Lake, where PyTorch's bfloat16 products run at a third of its float32 ones), many rows of a
-    bfloat16 or quantized product are multiplied in float32, with the results of the bfloat16
-    products up to bfloat16's rounding of x (and of the result, for a bfloat16 x)."""
+    quantized product are multiplied in float32, with the results of the bfloat16 products up to
+    bfloat16's rounding of x."""
     cpu = torch.device("cpu")
     x, w = operands(40, 256)
     products = []
     real = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda a, b: products.append((a.dtype, b.dtype)) or real(a, b))
-    for weight in (w.bfloat16(), kernel_weight(quantize(w, Scheme("int8")), cpu),
-                   kernel_weight(quantize(w, Scheme("int4", 64)), cpu)):
-        xx = x.bfloat16() if isinstance(weight, torch.Tensor) else x
+    for weight in (kernel_weight(quantize(w, Scheme("int8")), cpu), kernel_weight(quantize(w, Scheme("int4", 64)), cpu)):
         monkeypatch.setattr(kernels, "cpu_multiplies_bfloat16", lambda: True)
-        products.clear()
-        natively = linear(xx, weight)
-        assert (torch.float32, torch.float32) not in products
+        natively = linear(x, weight)
+        assert products[-1] == (torch.bfloat16, torch.bfloat16)
         monkeypatch.setattr(kernels, "cpu_multiplies_bfloat16", lambda: False)
-        widened = linear(xx, weight)
-        assert products[-1] == (torch.float32, torch.float32) and widened.dtype == xx.dtype
-        torch.testing.assert_close(widened.float(), natively.float(), rtol=4 * U,
-                                   atol=4 * U * natively.abs().max().item())
+        widened = linear(x, weight)
+        assert products[-1] == (torch.float32, torch.float32) and widened.dtype == x.dtype
+        torch.testing.assert_close(widened, natively, rtol=4 * U, atol=4 * U * natively.abs().max().item())
 
 
 def run_python(code: str, **env) -> str:
