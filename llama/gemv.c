@@ -462,61 +462,11 @@ ALWAYS_INLINE void row_int4(const XSplit* xi, int64_t K, const uint8_t* wr, cons
     for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(t[j]);
 }
 
-/* Batch 1: rows 0 .. R-1 of W (row stride K / 2 bytes, `groups` scales and zeros) times one row of x. */
-ALWAYS_INLINE void rows_int4(const XSplit* xi, int64_t K, const uint8_t* wr, const uint16_t* sr, const uint16_t* zr,
-                             int64_t groups, int gshift, float* y, const int R) {
-    const int64_t blocks = K / 32, supers = (blocks + LANES - 1) / LANES;
-    const __m512i nibble = _mm512_set1_epi8(15);
-    const __m512i to_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               gshift - 5);
-    __m512 t[4];
-    for (int r = 0; r < R; r++) t[r] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < supers; s++) {
-        const int64_t m = blocks - s * LANES < LANES ? blocks - s * LANES : LANES;
-        const __mmask64 bytes = m == LANES ? ~(__mmask64)0 : (((__mmask64)1 << (4 * m)) - 1);
-        const int8_t* xv = xi->q + s * 1024;
-        __m512i ah[4], al[4];
-        for (int r = 0; r < R; r++) ah[r] = al[r] = _mm512_setzero_si512();
-        for (int p = 0; p < 4; p++) {
-            const __m512i xh0 = _mm512_load_si512(xv + p * 256), xl0 = _mm512_load_si512(xv + p * 256 + 64);
-            const __m512i xh1 = _mm512_load_si512(xv + p * 256 + 128), xl1 = _mm512_load_si512(xv + p * 256 + 192);
-            for (int r = 0; r < R; r++) {
-                __m512i w = _mm512_maskz_loadu_epi8(bytes, wr + r * K / 2 + s * 256 + p * 4 * m);
-                __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
-                ah[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ah[r], lo, xh0), hi, xh1);
-                al[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(al[r], lo, xl0), hi, xl1);
-            }
-        }
-        const int64_t g0 = (s * LANES * 32) >> gshift;
-        const __mmask16 gm = (__mmask16)((1u << ((m * 32) >> gshift)) - 1);
-        const __m512 xs = _mm512_loadu_ps(xi->s + s * LANES), xsum = _mm512_loadu_ps(xi->sum + s * LANES);
-        for (int r = 0; r < R; r++) {
-            __m512 sc = load_bf16x16(sr + r * groups + g0, gm), zc = load_bf16x16(zr + r * groups + g0, gm);
-            if (gshift > 5) {
-                sc = _mm512_permutexvar_ps(to_group, sc);
-                zc = _mm512_permutexvar_ps(to_group, zc);
-            }
-            __m512i q = _mm512_add_epi32(_mm512_slli_epi32(ah[r], 8), al[r]);
-            t[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(sc, xs), t[r]);
-            t[r] = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8), sc, zc), xsum, t[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(t[r]);
-}
-
 void gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales, const uint16_t* zeros,
                int64_t G, int64_t N, float* y, int threads) {
     const int64_t groups = K / G, supers = (K / 32 + LANES - 1) / LANES, lanes = supers * LANES;
     const int gshift = __builtin_ctzll((unsigned long long)G);
     XSplit xi = to_split_blocks(x, M, K);
-    if (M == 1 && ROWS > 1) {
-#define INT4_ROWS(r) rows_int4(&xi, K, w + n * K / 2, scales + n * groups, zeros + n * groups, groups, gshift, y + n, r)
-        FOR_ROW_GROUPS(N, INT4_ROWS)
-        free(xi.q);
-        free(xi.s);
-        free(xi.sum);
-        return;
-    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
 #define INT4(t)                                                                                                    \
@@ -531,28 +481,38 @@ void gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uin
     free(xi.sum);
 }
 
-/* Column k (of K) of an int4 row in the layout above. */
-static inline int int4_at(const uint8_t* row, int64_t K, int64_t k) {
-    const int64_t b = k / 32, c = k % 32, s = b / LANES, i = b % LANES;
-    const int64_t m = K / 32 - s * LANES < LANES ? K / 32 - s * LANES : LANES;
-    const uint8_t byte = row[s * 256 + (c / 8) * 4 * m + i * 4 + c % 4];
-    return c % 8 < 4 ? byte & 15 : byte >> 4;
+/* 16 float32 values as bfloat16, rounded to nearest even (finite values), stored at o. */
+ALWAYS_INLINE void store_bf16x16(uint16_t* o, __m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    _mm256_storeu_si256((__m256i*)o, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
 
 /* The int4 weight as bfloat16, (N, K): for products of many rows (a prompt), which PyTorch's
  * matrix products do better than a matrix-vector kernel. Each value rounded to nearest even. */
 void dequantize_int4(const uint8_t* w, const uint16_t* scales, const uint16_t* zeros, int64_t G, int64_t N, int64_t K,
                      uint16_t* out, int threads) {
-    int64_t groups = K / G;
+    const int64_t groups = K / G, blocks = K / 32;
+    const __m128i nibble = _mm_set1_epi8(15);
+    const __m512i eight = _mm512_set1_epi32(8);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
-        for (int64_t k = 0; k < K; k++) {
-            float s = bf16_to_float(scales[n * groups + k / G]), z = bf16_to_float(zeros[n * groups + k / G]);
-            float v = ((float)int4_at(w + n * K / 2, K, k) - 8) * s + z;
-            uint32_t u;
-            memcpy(&u, &v, 4);
-            u += 0x7FFF + ((u >> 16) & 1);  /* round to nearest even (finite values) */
-            out[n * K + k] = (uint16_t)(u >> 16);
+        for (int64_t b0 = 0; b0 < blocks; b0 += LANES) {
+            const int64_t m = blocks - b0 < LANES ? blocks - b0 : LANES;
+            const uint8_t* sb = w + n * K / 2 + b0 * 16;  /* the superblock: 16 bytes a block */
+            for (int64_t i = 0; i < m; i++) {
+                const int64_t b = b0 + i, g = n * groups + b * 32 / G;
+                const __m512 s = _mm512_set1_ps(bf16_to_float(scales[g])), z = _mm512_set1_ps(bf16_to_float(zeros[g]));
+                uint32_t words[4];  /* the block's 4 bytes in each of the 4 vectors */
+                for (int p = 0; p < 4; p++) memcpy(words + p, sb + p * 4 * m + i * 4, 4);
+                __m128i v = _mm_loadu_si128((const __m128i*)words);
+                __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+                /* columns 8p .. 8p+3 are vector p's low halves, 8p+4 .. 8p+7 its high halves */
+                __m128i first = _mm_unpacklo_epi32(lo, hi), second = _mm_unpackhi_epi32(lo, hi);
+                uint16_t* o = out + n * K + b * 32;
+                store_bf16x16(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(first), eight)), s, z));
+                store_bf16x16(o + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(second), eight)), s, z));
+            }
         }
     }
 }
