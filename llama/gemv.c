@@ -98,14 +98,26 @@ static inline float bf16_to_float(uint16_t b) {
         }                                                                                       \
     }
 
-/* Two accumulators a row (alternate halves of each chunk: two dependency chains) where the tile
- * leaves registers for them, one beyond 8 rows. */
-ALWAYS_INLINE void row_f32(const float* x, int64_t K, const float* wr, int64_t N, float* y, const int tile) {
+/* 16 bfloat16 values as float32 (exact: the top half of a float32). */
+ALWAYS_INLINE __m512 widen_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+/* The float kernels, for float32 weights and (without AVX512-BF16) bfloat16 ones: 16 products per
+ * fused multiply-add of float32 x. Entries i .. i+15 of the weights as float32. */
+ALWAYS_INLINE __m512 load_w(const void* w, int64_t i, const int bf16) {
+    return bf16 ? widen_bf16((const uint16_t*)w + i) : _mm512_loadu_ps((const float*)w + i);
+}
+
+/* Row n of W times a tile of rows of x. Two accumulators a row (alternate halves of each chunk:
+ * two dependency chains) where the tile leaves registers for them, one beyond 8 rows. */
+ALWAYS_INLINE void row_float(const float* x, int64_t K, const void* w, int64_t n, int64_t N, float* y, const int tile,
+                             const int bf16) {
     const int two = tile <= TILE;
     __m512 a[WIDE_TILE], b[WIDE_TILE];
     for (int j = 0; j < tile; j++) a[j] = b[j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
-        __m512 w0 = _mm512_loadu_ps(wr + k), w1 = _mm512_loadu_ps(wr + k + 16);
+        __m512 w0 = load_w(w, n * K + k, bf16), w1 = load_w(w, n * K + k + 16, bf16);
         for (int j = 0; j < tile; j++) {
             a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k), w0, a[j]);
             if (two) b[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k + 16), w1, b[j]);
@@ -115,31 +127,37 @@ ALWAYS_INLINE void row_f32(const float* x, int64_t K, const float* wr, int64_t N
     for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
 }
 
-/* Batch 1: rows 0 .. R-1 of W (row stride K) times one row of x. */
-ALWAYS_INLINE void rows_f32(const float* x, int64_t K, const float* wr, float* y, const int R) {
+/* Batch 1: rows n .. n+R-1 of W times one row of x. */
+ALWAYS_INLINE void rows_float(const float* x, int64_t K, const void* w, int64_t n, float* y, const int R,
+                              const int bf16) {
     __m512 a[4], b[4];
     for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
         __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
         for (int r = 0; r < R; r++) {
-            a[r] = _mm512_fmadd_ps(x0, _mm512_loadu_ps(wr + r * K + k), a[r]);
-            b[r] = _mm512_fmadd_ps(x1, _mm512_loadu_ps(wr + r * K + k + 16), b[r]);
+            a[r] = _mm512_fmadd_ps(x0, load_w(w, (n + r) * K + k, bf16), a[r]);
+            b[r] = _mm512_fmadd_ps(x1, load_w(w, (n + r) * K + k + 16, bf16), b[r]);
         }
     }
     for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
 }
 
-void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int threads) {
+ALWAYS_INLINE void gemv_float(const float* x, int64_t M, int64_t K, const void* w, int64_t N, float* y, int threads,
+                              const int bf16) {
     if (M == 1 && ROWS > 1) {
-#define F32_ROWS(r) rows_f32(x, K, w + n * K, y + n, r)
-        FOR_ROW_GROUPS(N, F32_ROWS)
+#define FLOAT_ROWS(r) rows_float(x, K, w, n, y + n, r, bf16)
+        FOR_ROW_GROUPS(N, FLOAT_ROWS)
         return;
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
-#define F32(t) row_f32(x + m0 * K, K, w + n * K, N, y + m0 * N + n, t)
-        FOR_WIDE_TILES(M, F32)
+#define FLOAT(t) row_float(x + m0 * K, K, w, n, N, y + m0 * N + n, t, bf16)
+        FOR_WIDE_TILES(M, FLOAT)
     }
+}
+
+void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int threads) {
+    gemv_float(x, M, K, w, N, y, threads, 0);
 }
 
 #ifdef __AVX512BF16__
@@ -197,52 +215,8 @@ void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t 
     free(xb);
 }
 #else
-/* 16 bfloat16 values as float32 (exact: the top half of a float32). */
-ALWAYS_INLINE __m512 widen_bf16(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-/* Without AVX512-BF16: 32 columns of the row widened to float32, times float32 x. */
-ALWAYS_INLINE void row_bf16(const float* x, int64_t K, const uint16_t* wr, float* y, int64_t N, const int tile) {
-    const int two = tile <= TILE;
-    __m512 a[WIDE_TILE], b[WIDE_TILE];
-    for (int j = 0; j < tile; j++) a[j] = b[j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-        __m512 w0 = widen_bf16(wr + k), w1 = widen_bf16(wr + k + 16);
-        for (int j = 0; j < tile; j++) {
-            a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k), w0, a[j]);
-            if (two) b[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k + 16), w1, b[j]);
-            else a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k + 16), w1, a[j]);
-        }
-    }
-    for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
-}
-
-/* Batch 1: rows 0 .. R-1 of W (row stride K) times one row of x. */
-ALWAYS_INLINE void rows_bf16(const float* x, int64_t K, const uint16_t* wr, float* y, const int R) {
-    __m512 a[4], b[4];
-    for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-        __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
-        for (int r = 0; r < R; r++) {
-            a[r] = _mm512_fmadd_ps(x0, widen_bf16(wr + r * K + k), a[r]);
-            b[r] = _mm512_fmadd_ps(x1, widen_bf16(wr + r * K + k + 16), b[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
-}
-
 void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int threads) {
-    if (M == 1 && ROWS > 1) {
-#define BF16_ROWS(r) rows_bf16(x, K, w + n * K, y + n, r)
-        FOR_ROW_GROUPS(N, BF16_ROWS)
-        return;
-    }
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-#define BF16(t) row_bf16(x + m0 * K, K, w + n * K, y + m0 * N + n, N, t)
-        FOR_WIDE_TILES(M, BF16)
-    }
+    gemv_float(x, M, K, w, N, y, threads, 1);
 }
 #endif
 
