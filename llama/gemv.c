@@ -462,13 +462,19 @@ ALWAYS_INLINE void store_bf16x16(uint16_t* o, __m512 v) {
     _mm256_storeu_si256((__m256i*)o, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
 
-/* The int4 weight as bfloat16, (N, K): for products of many rows (a prompt), which PyTorch's
- * matrix products do better than a matrix-vector kernel. Each value rounded to nearest even. */
+/* 16 values, (q - 8) * s + z of q in v, stored at o as float32 or as bfloat16. */
+ALWAYS_INLINE void store_values(void* o, __m128i v, __m512 s, __m512 z, const int f32) {
+    __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(v), _mm512_set1_epi32(8))), s, z);
+    if (f32) _mm512_storeu_ps(o, f);
+    else store_bf16x16(o, f);
+}
+
+/* The int4 weight as float32 (f32) or bfloat16 (rounded to nearest even), (N, K): for products of
+ * many rows (a prompt), which PyTorch's matrix products do better than a matrix-vector kernel. */
 void dequantize_int4(const uint8_t* w, const uint16_t* scales, const uint16_t* zeros, int64_t G, int64_t N, int64_t K,
-                     uint16_t* out, int threads) {
+                     void* out, int f32, int threads) {
     const int64_t groups = K / G, blocks = K / 32;
     const __m128i nibble = _mm_set1_epi8(15);
-    const __m512i eight = _mm512_set1_epi32(8);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t b0 = 0; b0 < blocks; b0 += LANES) {
@@ -483,9 +489,14 @@ void dequantize_int4(const uint8_t* w, const uint16_t* scales, const uint16_t* z
                 __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
                 /* columns 8p .. 8p+3 are vector p's low halves, 8p+4 .. 8p+7 its high halves */
                 __m128i first = _mm_unpacklo_epi32(lo, hi), second = _mm_unpackhi_epi32(lo, hi);
-                uint16_t* o = out + n * K + b * 32;
-                store_bf16x16(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(first), eight)), s, z));
-                store_bf16x16(o + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(second), eight)), s, z));
+                const int64_t at = n * K + b * 32;
+                if (f32) {
+                    store_values((float*)out + at, first, s, z, 1);
+                    store_values((float*)out + at + 16, second, s, z, 1);
+                } else {
+                    store_values((uint16_t*)out + at, first, s, z, 0);
+                    store_values((uint16_t*)out + at + 16, second, s, z, 0);
+                }
             }
         }
     }

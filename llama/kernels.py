@@ -130,9 +130,9 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     if weight.zeros is not None:  # int4 in the project's kernels' layout
         if rows <= native.MAX_ROWS or torch.compiler.is_compiling():
             return native.matvec(x, "int4", weight.data, weight.scales, weight.zeros, weight.group_size, n)
-        w = native.dequantize_int4(weight.data, weight.scales, weight.zeros, weight.group_size, weight.shape)
         wide = wide_dtype(weight.device)
-        return F.linear(x.to(wide), w.to(wide)).to(x.dtype)
+        w = native.dequantize_int4(weight.data, weight.scales, weight.zeros, weight.group_size, weight.shape, wide)
+        return F.linear(x.to(wide), w).to(x.dtype)
     if weight.format == "int8" and weight.device.type == "cpu":
         if native.takes(rows, k, weight.device):
             return native.matvec(x, "int8", weight.data, weight.scales)

@@ -135,7 +135,7 @@ def build() -> "tuple[Optional[ctypes.CDLL], str]":
     if not lib.native_supported():
         return None, "this CPU lacks AVX-512 with VNNI (Intel Cascade Lake or later, AMD Zen 4 or later have it)"
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.dequantize_int4.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i32]
+    lib.dequantize_int4.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i32, i32]
     lib.dequantize_int4.restype = None
     return lib, ""
 
@@ -175,12 +175,13 @@ def float_kind(weight: torch.Tensor, rows: int) -> Optional[str]:
 
 
 def dequantize_int4(data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                    shape) -> torch.Tensor:
-    """An int4 weight in gemv.c's layout as bfloat16 (N, K): for products of many rows."""
+                    shape, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """An int4 weight in gemv.c's layout as `dtype` (bfloat16 or float32), (N, K): for products of
+    many rows."""
     n, k = shape
-    out = torch.empty(n, k, dtype=torch.bfloat16)
+    out = torch.empty(n, k, dtype=dtype)
     kernels().dequantize_int4(data.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size, n, k,
-                              out.data_ptr(), torch.get_num_threads())
+                              out.data_ptr(), int(dtype == torch.float32), torch.get_num_threads())
     return out
 
 

@@ -3,6 +3,7 @@ product against a float64 one of the same weights within a bound derived from wh
 rounds, the tails and tiles of its loops, the seam choosing it, and the fallback where it cannot
 serve (PyTorch's kernels, the same answers)."""
 
+import functools
 import os
 import shutil
 import subprocess
@@ -105,6 +106,21 @@ def test_int4_kernel(rows, group, k):
     if wrong is not None:
         bad = native.matvec(x, "int4", wrong, weight.scales, weight.zeros, group, n)
         assert not ((bad.double() - xd @ deq.T).abs() <= bound).all()
+
+
+@NEEDS
+@pytest.mark.parametrize("group,k", INT4_SHAPES)
+def test_int4_dequantization(group, k):
+    """An int4 weight widened for a prompt's product: float32 values exactly as `dequantize` makes
+    them, or those rounded to bfloat16."""
+    w = operands(1, k)[1]
+    t = quantize(w, Scheme("int4", group))
+    weight = kernel_weight(t, torch.device("cpu"))
+    exact = dequantize(t)
+    assert exact.dtype == torch.float32
+    widen = functools.partial(native.dequantize_int4, weight.data, weight.scales, weight.zeros, group, weight.shape)
+    assert torch.equal(widen(torch.float32), exact)
+    assert torch.equal(widen(torch.bfloat16), exact.bfloat16())
 
 
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
