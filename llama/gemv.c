@@ -17,10 +17,11 @@
  *             than bfloat16 there); 32 weights widened to int16 per VNNI dot instruction (vpdpwssd),
  *             summed exactly in int32 over a block, then scaled in float32 (the block's scale,
  *             then the row's);
- *   int4      x rounded to 15-bit integers per block of 32 columns; W packed two values a byte, (N, K / 2), in
- *             a layout where a vector lane is a block of 32 columns (below), 64 products per VNNI
- *             dot instruction (vpdpbusd, two a product: x as two bytes); value = (q - 8) * scale + zero per group of G columns,
- *             so a block adds scale * sum(q x) + (zero - 8 scale) * sum(x).
+ *   int4      x rounded to 15-bit integers per block of 32 columns; W packed two values a byte,
+ *             (N, K / 2), in a layout where a vector lane is a block of 32 columns (below), 64
+ *             products per VNNI dot instruction (vpdpbusd, two a product: x as two bytes); value =
+ *             (q - 8) * scale + zero per group of G columns, so a block adds scale * sum(q x) +
+ *             (zero - 8 scale) * sum(x).
  * (Widening int8 to bfloat16 takes five instructions per 32 weights, to int16 one: with bfloat16 x
  * these two kernels were bound by arithmetic rather than by memory; so was int4 widened to int16.)
  * Every function takes its thread count (PyTorch's) and accumulates in float32. K % 32 == 0.
@@ -195,7 +196,8 @@ ALWAYS_INLINE void rows_bf16(const __m512bh* xb, int64_t K, const uint16_t* wr, 
     __m512 a[4];
     for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32)
-        for (int r = 0; r < R; r++) a[r] = _mm512_dpbf16_ps(a[r], xb[k / 32], (__m512bh)_mm512_loadu_si512(wr + r * K + k));
+        for (int r = 0; r < R; r++)
+            a[r] = _mm512_dpbf16_ps(a[r], xb[k / 32], (__m512bh)_mm512_loadu_si512(wr + r * K + k));
     for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(a[r]);
 }
 
@@ -294,8 +296,10 @@ ALWAYS_INLINE void rows_int8(const int16_t* xq, const float* xs, int64_t K, cons
         for (int r = 0; r < R; r++) a[r] = _mm512_setzero_si512();
         for (int64_t k = k0; k < k1; k += 32) {
             __m512i xv = load_q(xq, k);
-            for (int r = 0; r < R; r++)
-                a[r] = _mm512_dpwssd_epi32(a[r], xv, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + r * K + k))));
+            for (int r = 0; r < R; r++) {
+                __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + r * K + k)));
+                a[r] = _mm512_dpwssd_epi32(a[r], xv, wv);
+            }
         }
         for (int r = 0; r < R; r++)
             t[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]), _mm512_set1_ps(xs[k0 / XB]), t[r]);
@@ -366,8 +370,10 @@ static XSplit to_split_blocks(const float* x, int64_t M, int64_t K) {
             r.s[m * lanes + b] = big / X_STEP;
             r.sum[m * lanes + b] = big / X_STEP * (float)(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
             const __m512i round = _mm512_set1_epi32(128);
-            __m512i h0 = _mm512_srai_epi32(_mm512_add_epi32(q0, round), 8), h1 = _mm512_srai_epi32(_mm512_add_epi32(q1, round), 8);
-            __m512i l0 = _mm512_sub_epi32(q0, _mm512_slli_epi32(h0, 8)), l1 = _mm512_sub_epi32(q1, _mm512_slli_epi32(h1, 8));
+            __m512i h0 = _mm512_srai_epi32(_mm512_add_epi32(q0, round), 8);
+            __m512i h1 = _mm512_srai_epi32(_mm512_add_epi32(q1, round), 8);
+            __m512i l0 = _mm512_sub_epi32(q0, _mm512_slli_epi32(h0, 8));
+            __m512i l1 = _mm512_sub_epi32(q1, _mm512_slli_epi32(h1, 8));
             int8_t h[32], l[32];
             _mm_storeu_si128((__m128i*)h, _mm512_cvtepi32_epi8(h0));
             _mm_storeu_si128((__m128i*)(h + 16), _mm512_cvtepi32_epi8(h1));
@@ -428,7 +434,8 @@ ALWAYS_INLINE void row_int4(const XSplit* xi, int64_t K, const uint8_t* wr, cons
         for (int j = 0; j < tile; j++) {
             const float* xs = xi->s + j * lanes + s * LANES;
             const float* xsum = xi->sum + j * lanes + s * LANES;
-            __m512i q = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(ah[j], bh[j]), 8), _mm512_add_epi32(al[j], bl[j]));
+            __m512i q = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(ah[j], bh[j]), 8),
+                                         _mm512_add_epi32(al[j], bl[j]));
             t[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(sc, _mm512_loadu_ps(xs)), t[j]);
             t[j] = _mm512_fmadd_ps(cz, _mm512_loadu_ps(xsum), t[j]);
         }
@@ -458,13 +465,15 @@ void gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uin
 /* 16 float32 values as bfloat16, rounded to nearest even (finite values), stored at o. */
 ALWAYS_INLINE void store_bf16x16(uint16_t* o, __m512 v) {
     __m512i u = _mm512_castps_si512(v);
-    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
     _mm256_storeu_si256((__m256i*)o, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
 
 /* 16 values, (q - 8) * s + z of q in v, stored at o as float32 or as bfloat16. */
 ALWAYS_INLINE void store_values(void* o, __m128i v, __m512 s, __m512 z, const int f32) {
-    __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(v), _mm512_set1_epi32(8))), s, z);
+    __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(v), _mm512_set1_epi32(8));
+    __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, z);
     if (f32) _mm512_storeu_ps(o, f);
     else store_bf16x16(o, f);
 }

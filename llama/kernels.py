@@ -14,8 +14,9 @@ zero per group of input columns. Which kernel multiplies:
   kernels there (int8 values are exact in bfloat16; int4's dequantized values are rounded to it),
   or to float32 on a CPU without native bfloat16 products (`wide_dtype`: 3x faster there).
 PyTorch's quantized kernels take bfloat16 activations (its int8 kernel is about 10x slower on
-float32 ones on the CPU), the project's take them rounded to int16 per block of 128 columns (more
-precise than bfloat16); all accumulate in float32, and results come back in the activations' dtype.
+float32 ones on the CPU), the project's take them rounded to integers per block (int8: int16 per
+128 columns; int4: 15-bit per 32 columns; more precise than bfloat16); all accumulate in float32,
+and results come back in the activations' dtype.
 """
 
 import functools

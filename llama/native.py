@@ -10,8 +10,9 @@ code and by torch.compile's generated code alike), are built once per machine an
 folder (`$LLAMA_NATIVE_CACHE`, default `~/.cache/codellama/native`).
 
 Where they cannot serve (no C or C++ compiler, a CPU without AVX-512 VNNI: they need Intel Cascade
-Lake, Ice Lake or Sapphire Rapids, AMD Zen 4 or later; `LLAMA_NATIVE=0`), `kernels()` is None and PyTorch's kernels are used (llama/kernels.py,
-llama/attention.py): the answers are the same up to rounding. `why_not()` says which.
+Lake, Ice Lake or Sapphire Rapids, AMD Zen 4 or later; `LLAMA_NATIVE=0`), `kernels()` is None and
+PyTorch's kernels are used (llama/kernels.py, llama/attention.py): the answers are the same up to
+rounding. `why_not()` says which.
 """
 
 import ctypes
