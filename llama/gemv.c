@@ -99,15 +99,15 @@ static inline float bf16_to_float(uint16_t b) {
         }                                                                                       \
     }
 
-/* 16 bfloat16 values as float32 (exact: the top half of a float32). */
-ALWAYS_INLINE __m512 widen_bf16(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+/* 16 bfloat16 values (fewer under mask m; the rest 0) as float32 (exact: the top half of a float32). */
+ALWAYS_INLINE __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
 /* The float kernels, for float32 weights and (without AVX512-BF16) bfloat16 ones: 16 products per
  * fused multiply-add of float32 x. Entries i .. i+15 of the weights as float32. */
 ALWAYS_INLINE __m512 load_w(const void* w, int64_t i, const int bf16) {
-    return bf16 ? widen_bf16((const uint16_t*)w + i) : _mm512_loadu_ps((const float*)w + i);
+    return bf16 ? load_bf16x16((const uint16_t*)w + i, 0xFFFF) : _mm512_loadu_ps((const float*)w + i);
 }
 
 /* Row n of W times a tile of rows of x. Two accumulators a row (alternate halves of each chunk:
@@ -222,7 +222,7 @@ void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t 
 }
 #endif
 
-/* The integer kernels' activations: each row of x in blocks of XB columns (the last may be
+/* The int8 kernel's activations: each row of x in blocks of XB columns (the last may be
  * shorter), a block as int16 q with one float32 scale s (max |x| / 32767 of the block), x ~ q s,
  * rounded to nearest. Products of int16 x and widened weights are summed exactly in int32 (32
  * products an instruction, vpdpwssd) over at most XB columns, then scaled and added in float32.
@@ -327,10 +327,6 @@ void gemv_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint
     free(xi.s);
 }
 
-/* 16 bfloat16 values (fewer under mask m; the rest 0) as float32. */
-ALWAYS_INLINE __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
 
 /* int4. A row's K columns are blocks of 32 (a block lies in one group of G columns, G a multiple
  * of 32), taken 16 blocks (a "superblock": 512 columns, 256 bytes) at a time, the last superblock
@@ -498,14 +494,9 @@ void dequantize_int4(const uint8_t* w, const uint16_t* scales, const uint16_t* z
                 __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
                 /* columns 8p .. 8p+3 are vector p's low halves, 8p+4 .. 8p+7 its high halves */
                 __m128i first = _mm_unpacklo_epi32(lo, hi), second = _mm_unpackhi_epi32(lo, hi);
-                const int64_t at = n * K + b * 32;
-                if (f32) {
-                    store_values((float*)out + at, first, s, z, 1);
-                    store_values((float*)out + at + 16, second, s, z, 1);
-                } else {
-                    store_values((uint16_t*)out + at, first, s, z, 0);
-                    store_values((uint16_t*)out + at + 16, second, s, z, 0);
-                }
+                char* o = (char*)out + (n * K + b * 32) * (f32 ? 4 : 2);
+                store_values(o, first, s, z, f32);
+                store_values(o + 16 * (f32 ? 4 : 2), second, s, z, f32);
             }
         }
     }
