@@ -239,7 +239,7 @@ class LlamaCppWorker:
         line = self.proc.stdout.readline()
         if not line:
             self.errors.seek(0)
-            raise SystemExit(f"llama.cpp worker failed: {self.errors.read()[-2000:]}")
+            raise SystemExit(f"llama.cpp worker failed (exit status {self.proc.wait()}): {self.errors.read()[-2000:]}")
         return json.loads(line)
 
     def time(self, workload: str) -> dict:

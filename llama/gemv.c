@@ -42,10 +42,11 @@ static inline float bf16_to_float(uint16_t b) {
     return f;
 }
 
-/* Each kernel computes one output row n for a tile of up to TILE rows of x at once (WIDE_TILE for
- * the float kernels, which need fewer registers a row), so that a weight chunk is loaded (and
- * widened) once for the whole tile: up to 16 rows (a speculative verify pass, a batch) read the
- * weights once. `tile` is a constant where it is called, so the accumulators stay in registers. */
+/* Several rows of x (a speculative verify pass, a batch): the bfloat16 and int8 kernels compute one
+ * output row n for a tile of up to TILE rows of x at once (WIDE_TILE for the bfloat16 one, which
+ * needs fewer registers a row), so that a weight chunk is loaded (and widened) once for the whole
+ * tile; the float kernel takes blocks of 4 rows of W by 4 of x (block_float). `tile` is a constant
+ * where it is called, so the accumulators stay in registers. */
 #define TILE 8
 #define WIDE_TILE 16
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -76,6 +77,16 @@ static inline float bf16_to_float(uint16_t b) {
     case 15: body(15); break;
 #define FOR_TILES(M, body) FOR_TILES_UP_TO(TILE, M, body)
 #define FOR_WIDE_TILES(M, body) FOR_TILES_UP_TO(WIDE_TILE, M, body)
+/* `body(t)` for each block of rows m0 .. m0+t-1 of M, blocks of up to 4 rows. */
+#define FOR_BLOCKS(M, body)                                                                     \
+    for (int64_t m0 = 0; m0 < (M); m0 += 4) {                                                   \
+        switch ((M) - m0 < 4 ? (M) - m0 : 4) {                                                  \
+            case 1: body(1); break;                                                             \
+            case 2: body(2); break;                                                             \
+            case 3: body(3); break;                                                             \
+            default: body(4); break;                                                            \
+        }                                                                                       \
+    }
 
 /* Batch 1 (one row of x): each thread takes ROWS rows of W at once, ROWS streams read side by
  * side. On Intel's server cores a single stream per core reads at about two thirds of what four do
@@ -110,22 +121,49 @@ ALWAYS_INLINE __m512 load_w(const void* w, int64_t i, const int bf16) {
     return bf16 ? load_bf16x16((const uint16_t*)w + i, 0xFFFF) : _mm512_loadu_ps((const float*)w + i);
 }
 
-/* Row n of W times a tile of rows of x. Two accumulators a row (alternate halves of each chunk:
- * two dependency chains) where the tile leaves registers for them, one beyond 8 rows. */
-ALWAYS_INLINE void row_float(const float* x, int64_t K, const void* w, int64_t n, int64_t N, float* y, const int tile,
-                             const int bf16) {
-    const int two = tile <= TILE;
-    __m512 a[WIDE_TILE], b[WIDE_TILE];
-    for (int j = 0; j < tile; j++) a[j] = b[j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-        __m512 w0 = load_w(w, n * K + k, bf16), w1 = load_w(w, n * K + k + 16, bf16);
-        for (int j = 0; j < tile; j++) {
-            a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k), w0, a[j]);
-            if (two) b[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k + 16), w1, b[j]);
-            else a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k + 16), w1, a[j]);
+/* 16 vectors to one whose lane i is the sum of v[i]'s lanes (three rounds of pairing: 45
+ * instructions for 16 sums, against about 8 each summed apart). */
+ALWAYS_INLINE __m512 sum16(const __m512 v[16]) {
+    __m512 b[8], c[4];
+    for (int i = 0; i < 8; i++)  /* 128-bit lane: v[2i] in elements 0 and 2, v[2i+1] in 1 and 3 */
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* 128-bit lane: element q a part of v[4i+q] */
+        __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
+        __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+    /* 128-bit lane g of the result: the four 128-bit lanes of c[g] added */
+    __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+    __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, 0x88), _mm512_shuffle_f32x4(e01, e23, 0xDD));
+}
+
+/* Rows n .. n+R-1 of W times rows 0 .. t-1 of x (R, t <= 4): R t accumulators, so that each
+ * loaded chunk of W serves t rows of x and each chunk of x R rows of W (a load per two fused
+ * multiply-adds at 4 x 4, where one row of W at a time needs one per multiply-add). `ahead`: the
+ * first block of these rows of W, which reads them from memory, asks for the next R rows too, so
+ * the later blocks' arithmetic overlaps their reading (study: 4 rows of x then cost what 1 does). */
+ALWAYS_INLINE void block_float(const float* x, int64_t K, const void* w, int64_t n, int64_t N, float* y, const int R,
+                               const int t, const int bf16, const int ahead) {
+    __m512 a[16];
+    for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 xv[4];
+        for (int j = 0; j < t; j++) xv[j] = _mm512_loadu_ps(x + j * K + k);
+        for (int r = 0; r < R; r++) {
+            __m512 wv = load_w(w, (n + r) * K + k, bf16);
+            if (ahead) _mm_prefetch((const char*)w + ((n + R + r) * K + k) * (bf16 ? 2 : 4), _MM_HINT_T0);
+            for (int j = 0; j < t; j++) a[4 * j + r] = _mm512_fmadd_ps(xv[j], wv, a[4 * j + r]);
         }
     }
-    for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
+    if (R == 4 && t == 4) {
+        float s[16];
+        _mm512_storeu_ps(s, sum16(a));
+        for (int j = 0; j < 4; j++) memcpy(y + j * N + n, s + 4 * j, 4 * sizeof(float));
+    } else {
+        for (int j = 0; j < t; j++)
+            for (int r = 0; r < R; r++) y[j * N + n + r] = _mm512_reduce_add_ps(a[4 * j + r]);
+    }
 }
 
 /* Batch 1: rows n .. n+R-1 of W times one row of x. */
@@ -145,15 +183,24 @@ ALWAYS_INLINE void rows_float(const float* x, int64_t K, const void* w, int64_t 
 
 ALWAYS_INLINE void gemv_float(const float* x, int64_t M, int64_t K, const void* w, int64_t N, float* y, int threads,
                               const int bf16) {
-    if (M == 1 && ROWS > 1) {
+    if (M == 1) {
 #define FLOAT_ROWS(r) rows_float(x, K, w, n, y + n, r, bf16)
         FOR_ROW_GROUPS(N, FLOAT_ROWS)
         return;
     }
+    /* Several rows of x: blocks of 4 rows of W by 4 of x; a thread's 4 rows of W stay in its L1
+     * cache while it takes every row of x. */
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-#define FLOAT(t) row_float(x + m0 * K, K, w, n, N, y + m0 * N + n, t, bf16)
-        FOR_WIDE_TILES(M, FLOAT)
+    for (int64_t n = 0; n < N; n += 4) {
+        if (N - n >= 4) {
+#define FLOAT(t) block_float(x + m0 * K, K, w, n, N, y + m0 * N, 4, t, bf16, m0 == 0)
+            FOR_BLOCKS(M, FLOAT)
+        } else {
+            for (int64_t r = n; r < N; r++) {
+#define FLOAT_REST(t) block_float(x + m0 * K, K, w, r, N, y + m0 * N, 1, t, bf16, 0)
+                FOR_BLOCKS(M, FLOAT_REST)
+            }
+        }
     }
 }
 
