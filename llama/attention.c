@@ -11,7 +11,8 @@
  * g * T queries (g query heads per KV head, T tokens), the scores of the positions each may see,
  * their maximum m, sum l of exp(score - m) and the exp-weighted sum of values; the units of one
  * (row, KV head) are then merged (flash-decoding's split of the positions, so that a few KV heads
- * still keep every thread busy on a long cache).
+ * still keep every thread busy on a long cache). A unit of 8 or more queries (several new tokens)
+ * holds them in vector lanes (`unit_lanes`: no sums across lanes), fewer one at a time (`unit`).
  *
  * Layouts: q and out (B, T, H, D) float32, contiguous; K and V float32 or bfloat16, element
  * strides (row, head, position) given, D contiguous, S positions; last (B, T) int64: query t of
@@ -116,6 +117,97 @@ static void unit(const Problem* p, int64_t b, int64_t kh, int64_t s0, int64_t s1
     free(seen);
 }
 
+/* Most query vectors `unit_lanes` takes (256 queries a KV head: 16 new tokens of 16 heads each). */
+#define MAX_VECTORS 16
+#ifndef LANES_FROM
+#define LANES_FROM 8  /* fewest queries a KV head for which unit_lanes serves */
+#endif
+
+/* `unit` for many queries (several new tokens): the queries in vector lanes, 16 a vector, so that a
+ * score is 16 queries times one key (a broadcast entry of the key per multiply-add) and needs no
+ * sum across lanes, and the softmax and the weighted sum of values run on vectors of 16 queries;
+ * each key and value is read once per vector. Same outputs as `unit`. */
+static void unit_lanes(const Problem* p, int64_t b, int64_t kh, int64_t s0, int64_t s1, float* m, float* l,
+                       float* acc) {  /* a query that sees none of the positions: m -inf, l 0 */
+    const int64_t nq = p->g * p->T, D = p->D, nv = (nq + 15) / 16, w = nv * 16, elt = p->bf16 ? 2 : 4;
+    const float scale = 1.0f / sqrtf((float)D);
+    int64_t reach = 0;  /* positions (from s0) some query here sees: the row's own, all written */
+    __m512i seen[MAX_VECTORS];
+    int32_t seen_lane[MAX_VECTORS * 16] = {0};
+    float* qt = (float*)calloc((size_t)(D * w), sizeof(float));  /* q^T scaled: qt[e w + i] */
+    for (int64_t i = 0; i < nq; i++) {
+        int64_t t = i / p->g, h = kh * p->g + i % p->g, last = p->last[b * p->T + t];
+        int64_t n = last < s0 ? 0 : (last + 1 < s1 ? last + 1 : s1) - s0;
+        seen_lane[i] = (int32_t)n;
+        reach = n > reach ? n : reach;
+        const float* qi = p->q + (b * p->T + t) * p->H * D + h * D;
+        for (int64_t e = 0; e < D; e++) qt[e * w + i] = qi[e] * scale;
+    }
+    for (int64_t j = 0; j < nv; j++) seen[j] = _mm512_loadu_si512(seen_lane + 16 * j);
+    /* the unit's keys and values as float32 rows of D (views of the cache when it is float32) */
+    const char* kbase = (const char*)p->k + (b * p->sb + kh * p->sh + s0 * p->ss) * elt;
+    const char* vbase = (const char*)p->v + (b * p->sb + kh * p->sh + s0 * p->ss) * elt;
+    float* wide = NULL;
+    const float *keys = (const float*)kbase, *values = (const float*)vbase;
+    int64_t stride = p->ss;
+    if (p->bf16) {
+        wide = (float*)malloc((size_t)(2 * reach * D + 1) * sizeof(float));
+        for (int64_t s = 0; s < reach; s++)
+            for (int64_t e = 0; e < D; e += 16) {
+                _mm512_storeu_ps(wide + s * D + e, load16(kbase + s * p->ss * 2, e, 1));
+                _mm512_storeu_ps(wide + (reach + s) * D + e, load16(vbase + s * p->ss * 2, e, 1));
+            }
+        keys = wide, values = wide + reach * D, stride = D;
+    }
+    float* sc = (float*)malloc((size_t)(reach * w + 1) * sizeof(float));  /* scores, then weights: sc[s w + i] */
+    __m512 top[MAX_VECTORS], sum[MAX_VECTORS];
+    for (int64_t j = 0; j < nv; j++) top[j] = _mm512_set1_ps(-INFINITY), sum[j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < reach; s++) {
+        const float* k = keys + s * stride;
+        for (int64_t j = 0; j < nv; j++) {
+            __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();  /* two dependency chains */
+            for (int64_t e = 0; e < D; e += 2) {
+                d0 = _mm512_fmadd_ps(_mm512_set1_ps(k[e]), _mm512_loadu_ps(qt + e * w + 16 * j), d0);
+                d1 = _mm512_fmadd_ps(_mm512_set1_ps(k[e + 1]), _mm512_loadu_ps(qt + (e + 1) * w + 16 * j), d1);
+            }
+            __mmask16 sees = _mm512_cmplt_epi32_mask(_mm512_set1_epi32((int32_t)s), seen[j]);
+            __m512 score = _mm512_mask_blend_ps(sees, _mm512_set1_ps(-INFINITY), _mm512_add_ps(d0, d1));
+            _mm512_storeu_ps(sc + s * w + 16 * j, score);
+            top[j] = _mm512_max_ps(top[j], score);
+        }
+    }
+    for (int64_t s = 0; s < reach; s++)
+        for (int64_t j = 0; j < nv; j++) {
+            __mmask16 sees = _mm512_cmplt_epi32_mask(_mm512_set1_epi32((int32_t)s), seen[j]);
+            __m512 e = _mm512_maskz_mov_ps(sees, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sc + s * w + 16 * j), top[j])));
+            _mm512_storeu_ps(sc + s * w + 16 * j, e);
+            sum[j] = _mm512_add_ps(sum[j], e);
+        }
+    for (int64_t j = 0; j < nv; j++) {
+        float mx[16], lx[16];
+        _mm512_storeu_ps(mx, top[j]);
+        _mm512_storeu_ps(lx, sum[j]);
+        for (int64_t i = 16 * j; i < nq && i < 16 * j + 16; i++) m[i] = mx[i - 16 * j], l[i] = lx[i - 16 * j];
+        for (int64_t e0 = 0; e0 < D; e0 += 16) {  /* 16 entries of the values at a time: o[c] = sum_s p_s v_s[e0 + c] */
+            __m512 o[16];
+            for (int c = 0; c < 16; c++) o[c] = _mm512_setzero_ps();
+            for (int64_t s = 0; s < reach; s++) {
+                __m512 pw = _mm512_loadu_ps(sc + s * w + 16 * j);
+                const float* v = values + s * stride + e0;
+                for (int c = 0; c < 16; c++) o[c] = _mm512_fmadd_ps(_mm512_set1_ps(v[c]), pw, o[c]);
+            }
+            for (int c = 0; c < 16; c++) {
+                float lane[16];
+                _mm512_storeu_ps(lane, o[c]);
+                for (int64_t i = 16 * j; i < nq && i < 16 * j + 16; i++) acc[i * D + e0 + c] = lane[i - 16 * j];
+            }
+        }
+    }
+    free(qt);
+    free(sc);
+    free(wide);
+}
+
 void attend(const float* q, int64_t B, int64_t T, int64_t H, int64_t D, const void* k, const void* v, int bf16,
             int64_t Hkv, int64_t S, int64_t sb, int64_t sh, int64_t ss, const int64_t* last, float* out, int threads) {
     Problem p = {q, k, v, last, T, H, D, Hkv, H / Hkv, bf16, sb, sh, ss};
@@ -134,7 +226,10 @@ void attend(const float* q, int64_t B, int64_t T, int64_t H, int64_t D, const vo
     for (int64_t u = 0; u < units; u++) {
         int64_t b = u / (Hkv * splits), kh = u / splits % Hkv, s0 = u % splits * per;
         int64_t s1 = s0 + per < span ? s0 + per : span;
-        unit(&p, b, kh, s0, s1 > s0 ? s1 : s0, m + u * nq, l + u * nq, acc + u * nq * D);
+        if (nq >= LANES_FROM && nq <= 16 * MAX_VECTORS)
+            unit_lanes(&p, b, kh, s0, s1 > s0 ? s1 : s0, m + u * nq, l + u * nq, acc + u * nq * D);
+        else
+            unit(&p, b, kh, s0, s1 > s0 ? s1 : s0, m + u * nq, l + u * nq, acc + u * nq * D);
     }
     for (int64_t b = 0; b < B; b++)
         for (int64_t kh = 0; kh < Hkv; kh++)

@@ -51,6 +51,12 @@ CASES = [  # (B, T, H, H_kv, D, S, last)
     (1, 2, 4, 1, 32, 700, [[10, 699]]),  # one KV head: its positions split in ranges (two a thread at least),
     #                                       of which the first query sees only the first
     (2, 3, 4, 1, 16, 40, [[0, 1, 2], [39, 39, 39]]),  # one KV head for all; padding rows repeat a position
+    # 8 or more queries a KV head: the queries in vector lanes (attention.c unit_lanes)
+    (2, 16, 9, 3, 64, 600, [list(range(584, 600)), list(range(100, 116))]),  # SmolLM2 verifying 15 drafts: 3 vectors
+    (1, 5, 8, 2, 128, 500, [[3, 200, 201, 450, 499]]),  # 20 queries: a partly filled second vector; some
+    #                                                      queries see none of a thread's range of positions
+    (1, 16, 32, 2, 16, 80, [list(range(64, 80))]),  # 256 queries a KV head, the most in lanes
+    (1, 16, 34, 2, 16, 50, [list(range(34, 50))]),  # 272: past it, one query at a time again
 ]
 
 
