@@ -42,18 +42,19 @@ static inline float bf16_to_float(uint16_t b) {
     return f;
 }
 
-/* Several rows of x (a speculative verify pass, a batch): the bfloat16 and int8 kernels compute one
- * output row n for a tile of up to TILE rows of x at once (WIDE_TILE for the bfloat16 one, which
- * needs fewer registers a row), so that a weight chunk is loaded (and widened) once for the whole
- * tile; the float kernel takes blocks of 4 rows of W by 4 of x (block_float). `tile` is a constant
- * where it is called, so the accumulators stay in registers. */
+/* Several rows of x (a speculative verify pass, a batch). The float and bfloat16 kernels take
+ * blocks of 4 rows of W by 4 rows of x (`FOR_BLOCKS`): 16 accumulators, so that each loaded chunk
+ * of W serves 4 rows of x and each chunk of x 4 rows of W (a load per two multiply-adds, where one
+ * row of W at a time needs one per multiply-add). The int8 and int4 kernels, which need more
+ * registers a row, compute one output row n for a tile of up to TILE rows of x at once, so that a
+ * weight chunk is loaded (and widened) once for the whole tile. Block and tile sizes are
+ * constants where they are called, so the accumulators stay in registers. */
 #define TILE 8
-#define WIDE_TILE 16
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-/* `body(t)` for each tile of rows m0 .. m0+t-1 of M, tiles of up to LIMIT rows (TILE or WIDE_TILE). */
-#define FOR_TILES_UP_TO(LIMIT, M, body)                                                         \
-    for (int64_t m0 = 0; m0 < (M); m0 += (LIMIT)) {                                             \
-        switch ((M) - m0 < (LIMIT) ? (M) - m0 : (LIMIT)) {                                      \
+/* `body(t)` for each tile of rows m0 .. m0+t-1 of M, tiles of up to TILE rows. */
+#define FOR_TILES(M, body)                                                                      \
+    for (int64_t m0 = 0; m0 < (M); m0 += TILE) {                                                \
+        switch ((M) - m0 < TILE ? (M) - m0 : TILE) {                                            \
             case 1: body(1); break;                                                             \
             case 2: body(2); break;                                                             \
             case 3: body(3); break;                                                             \
@@ -61,30 +62,31 @@ static inline float bf16_to_float(uint16_t b) {
             case 5: body(5); break;                                                             \
             case 6: body(6); break;                                                             \
             case 7: body(7); break;                                                             \
-            WIDE_CASES_##LIMIT(body)                                                            \
-            default: body(LIMIT); break;                                                        \
+            default: body(TILE); break;                                                         \
         }                                                                                       \
     }
-#define WIDE_CASES_TILE(body)
-#define WIDE_CASES_WIDE_TILE(body)                                                              \
-    case 8: body(8); break;                                                                     \
-    case 9: body(9); break;                                                                     \
-    case 10: body(10); break;                                                                   \
-    case 11: body(11); break;                                                                   \
-    case 12: body(12); break;                                                                   \
-    case 13: body(13); break;                                                                   \
-    case 14: body(14); break;                                                                   \
-    case 15: body(15); break;
-#define FOR_TILES(M, body) FOR_TILES_UP_TO(TILE, M, body)
-#define FOR_WIDE_TILES(M, body) FOR_TILES_UP_TO(WIDE_TILE, M, body)
-/* `body(t)` for each block of rows m0 .. m0+t-1 of M, blocks of up to 4 rows. */
-#define FOR_BLOCKS(M, body)                                                                     \
+
+/* `body(R, t)` for each block of rows n .. n+R-1 of W by rows m0 .. m0+t-1 of x: R = 4 (1 for the
+ * last N % 4 rows), t up to 4. A thread's 4 rows of W stay in its L1 cache while it takes every
+ * row of x; its first block (m0 == 0) reads them from memory, and asks for the next 4 rows so that
+ * the later blocks' arithmetic overlaps their reading (4 rows of x then cost about what 1 does). */
+#define FOR_X_BLOCKS(M, R, body)                                                                \
     for (int64_t m0 = 0; m0 < (M); m0 += 4) {                                                   \
         switch ((M) - m0 < 4 ? (M) - m0 : 4) {                                                  \
-            case 1: body(1); break;                                                             \
-            case 2: body(2); break;                                                             \
-            case 3: body(3); break;                                                             \
-            default: body(4); break;                                                            \
+            case 1: body(R, 1); break;                                                          \
+            case 2: body(R, 2); break;                                                          \
+            case 3: body(R, 3); break;                                                          \
+            default: body(R, 4); break;                                                         \
+        }                                                                                       \
+    }
+#define FOR_BLOCKS(N, M, body)                                                                  \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                           \
+    for (int64_t n0 = 0; n0 < (N); n0 += 4) {                                                   \
+        if ((N) - n0 >= 4) {                                                                    \
+            const int64_t n = n0;                                                               \
+            FOR_X_BLOCKS(M, 4, body)                                                            \
+        } else {                                                                                \
+            for (int64_t n = n0; n < (N); n++) FOR_X_BLOCKS(M, 1, body)                         \
         }                                                                                       \
     }
 
@@ -138,11 +140,19 @@ ALWAYS_INLINE __m512 sum16(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, 0x88), _mm512_shuffle_f32x4(e01, e23, 0xDD));
 }
 
-/* Rows n .. n+R-1 of W times rows 0 .. t-1 of x (R, t <= 4): R t accumulators, so that each
- * loaded chunk of W serves t rows of x and each chunk of x R rows of W (a load per two fused
- * multiply-adds at 4 x 4, where one row of W at a time needs one per multiply-add). `ahead`: the
- * first block of these rows of W, which reads them from memory, asks for the next R rows too, so
- * the later blocks' arithmetic overlaps their reading (study: 4 rows of x then cost what 1 does). */
+/* A block's sums: a[4 j + r] (row j of x, row n + r of W) into y[j N + n + r]. */
+ALWAYS_INLINE void store_block(const __m512 a[16], float* y, int64_t n, int64_t N, const int R, const int t) {
+    if (R == 4 && t == 4) {
+        float s[16];
+        _mm512_storeu_ps(s, sum16(a));
+        for (int j = 0; j < 4; j++) memcpy(y + j * N + n, s + 4 * j, 4 * sizeof(float));
+    } else {
+        for (int j = 0; j < t; j++)
+            for (int r = 0; r < R; r++) y[j * N + n + r] = _mm512_reduce_add_ps(a[4 * j + r]);
+    }
+}
+
+/* Rows n .. n+R-1 of W times rows 0 .. t-1 of x (R, t <= 4; `ahead`: ask for the next R rows). */
 ALWAYS_INLINE void block_float(const float* x, int64_t K, const void* w, int64_t n, int64_t N, float* y, const int R,
                                const int t, const int bf16, const int ahead) {
     __m512 a[16];
@@ -156,14 +166,7 @@ ALWAYS_INLINE void block_float(const float* x, int64_t K, const void* w, int64_t
             for (int j = 0; j < t; j++) a[4 * j + r] = _mm512_fmadd_ps(xv[j], wv, a[4 * j + r]);
         }
     }
-    if (R == 4 && t == 4) {
-        float s[16];
-        _mm512_storeu_ps(s, sum16(a));
-        for (int j = 0; j < 4; j++) memcpy(y + j * N + n, s + 4 * j, 4 * sizeof(float));
-    } else {
-        for (int j = 0; j < t; j++)
-            for (int r = 0; r < R; r++) y[j * N + n + r] = _mm512_reduce_add_ps(a[4 * j + r]);
-    }
+    store_block(a, y, n, N, R, t);
 }
 
 /* Batch 1: rows n .. n+R-1 of W times one row of x. */
@@ -188,20 +191,8 @@ ALWAYS_INLINE void gemv_float(const float* x, int64_t M, int64_t K, const void* 
         FOR_ROW_GROUPS(N, FLOAT_ROWS)
         return;
     }
-    /* Several rows of x: blocks of 4 rows of W by 4 of x; a thread's 4 rows of W stay in its L1
-     * cache while it takes every row of x. */
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n += 4) {
-        if (N - n >= 4) {
-#define FLOAT(t) block_float(x + m0 * K, K, w, n, N, y + m0 * N, 4, t, bf16, m0 == 0)
-            FOR_BLOCKS(M, FLOAT)
-        } else {
-            for (int64_t r = n; r < N; r++) {
-#define FLOAT_REST(t) block_float(x + m0 * K, K, w, r, N, y + m0 * N, 1, t, bf16, 0)
-                FOR_BLOCKS(M, FLOAT_REST)
-            }
-        }
-    }
+#define FLOAT(R, t) block_float(x + m0 * K, K, w, n, N, y + m0 * N, R, t, bf16, m0 == 0 && R == 4)
+    FOR_BLOCKS(N, M, FLOAT)
 }
 
 void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int threads) {
@@ -217,50 +208,51 @@ static __m512bh* to_bf16(const float* x, int64_t M, int64_t K) {
     return xb;
 }
 
-/* xb (M, K / 32) vectors of x rounded to bfloat16; 32 columns of the row per dot instruction. */
-ALWAYS_INLINE void row_bf16(const __m512bh* xb, int64_t K, const uint16_t* wr, float* y, int64_t N, const int tile) {
-    const int two = tile <= TILE;
-    __m512 a[WIDE_TILE], b[WIDE_TILE];
-    for (int j = 0; j < tile; j++) a[j] = b[j] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
-        for (int j = 0; j < tile; j++) {
-            a[j] = _mm512_dpbf16_ps(a[j], xb[j * K / 32 + k / 32], w0);
-            if (two) b[j] = _mm512_dpbf16_ps(b[j], xb[j * K / 32 + k / 32 + 1], w1);
-            else a[j] = _mm512_dpbf16_ps(a[j], xb[j * K / 32 + k / 32 + 1], w1);
+/* Rows n .. n+R-1 of W times rows 0 .. t-1 of x (R, t <= 4; `ahead`: ask for the next R rows); xb
+ * (t, K / 32) vectors of x rounded to bfloat16, 32 columns per dot instruction. */
+ALWAYS_INLINE void block_bf16(const __m512bh* xb, int64_t K, const uint16_t* w, int64_t n, int64_t N, float* y,
+                              const int R, const int t, const int ahead) {
+    __m512 a[16];
+    for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512bh xv[4];
+        for (int j = 0; j < t; j++) xv[j] = xb[j * K / 32 + k / 32];
+        for (int r = 0; r < R; r++) {
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (n + r) * K + k);
+            if (ahead) _mm_prefetch((const char*)(w + (n + R + r) * K + k), _MM_HINT_T0);
+            for (int j = 0; j < t; j++) a[4 * j + r] = _mm512_dpbf16_ps(a[4 * j + r], xv[j], wv);
         }
     }
-    if (k < K) {
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);
-        for (int j = 0; j < tile; j++) a[j] = _mm512_dpbf16_ps(a[j], xb[j * K / 32 + k / 32], w0);
-    }
-    for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
+    store_block(a, y, n, N, R, t);
 }
 
-/* Batch 1: rows 0 .. R-1 of W (row stride K) times one row of x. */
+/* Batch 1: rows 0 .. R-1 of W (row stride K) times one row of x; two accumulators a row
+ * (alternate 32 columns: two dependency chains). */
 ALWAYS_INLINE void rows_bf16(const __m512bh* xb, int64_t K, const uint16_t* wr, float* y, const int R) {
-    __m512 a[4];
-    for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32)
+    __m512 a[4], b[4];
+    for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64)
+        for (int r = 0; r < R; r++) {
+            a[r] = _mm512_dpbf16_ps(a[r], xb[k / 32], (__m512bh)_mm512_loadu_si512(wr + r * K + k));
+            b[r] = _mm512_dpbf16_ps(b[r], xb[k / 32 + 1], (__m512bh)_mm512_loadu_si512(wr + r * K + k + 32));
+        }
+    if (k < K)
         for (int r = 0; r < R; r++)
             a[r] = _mm512_dpbf16_ps(a[r], xb[k / 32], (__m512bh)_mm512_loadu_si512(wr + r * K + k));
-    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(a[r]);
+    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
 }
 
 void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int threads) {
     __m512bh* xb = to_bf16(x, M, K);
-    if (M == 1 && ROWS > 1) {
+    if (M == 1) {
 #define BF16_ROWS(r) rows_bf16(xb, K, w + n * K, y + n, r)
         FOR_ROW_GROUPS(N, BF16_ROWS)
         free(xb);
         return;
     }
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-#define BF16(t) row_bf16(xb + m0 * K / 32, K, w + n * K, y + m0 * N + n, N, t)
-        FOR_WIDE_TILES(M, BF16)
-    }
+#define BF16(R, t) block_bf16(xb + m0 * K / 32, K, w, n, N, y + m0 * N, R, t, m0 == 0 && R == 4)
+    FOR_BLOCKS(N, M, BF16)
     free(xb);
 }
 #else
