@@ -112,6 +112,19 @@ static inline float bf16_to_float(uint16_t b) {
         }                                                                                       \
     }
 
+/* Reading W from memory, each kernel asks for the bytes it will read next ahead of time (a software
+ * prefetch of the same place AHEAD bytes or more further on: whole groups of ROWS rows on, so the
+ * address is one the thread reads next), which the hardware's own prefetchers leave too late where
+ * the arithmetic per byte is high. Study matrices on an Intel Xeon, 2 threads, weights cycling
+ * through memory: int8 17.7 -> 27.4 GB/s, int4 22.0 -> 28.9 (float32 reads 29.6 without it). */
+#define AHEAD 4096
+/* The bytes from a row of W to the row the kernel asks for ahead: rows of `row_bytes` in groups of R. */
+static inline int64_t ahead_bytes(int64_t row_bytes, int64_t R) {
+    int64_t rows = (AHEAD + row_bytes - 1) / row_bytes;
+    return (rows + R - 1) / R * R * row_bytes;
+}
+ALWAYS_INLINE void ask(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+
 /* 16 bfloat16 values (fewer under mask m; the rest 0) as float32 (exact: the top half of a float32). */
 ALWAYS_INLINE __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -171,7 +184,7 @@ ALWAYS_INLINE void block_float(const float* x, int64_t K, const void* w, int64_t
 
 /* Batch 1: rows n .. n+R-1 of W times one row of x. */
 ALWAYS_INLINE void rows_float(const float* x, int64_t K, const void* w, int64_t n, float* y, const int R,
-                              const int bf16) {
+                              const int bf16, int64_t ahead) {
     __m512 a[4], b[4];
     for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
@@ -179,6 +192,9 @@ ALWAYS_INLINE void rows_float(const float* x, int64_t K, const void* w, int64_t 
         for (int r = 0; r < R; r++) {
             a[r] = _mm512_fmadd_ps(x0, load_w(w, (n + r) * K + k, bf16), a[r]);
             b[r] = _mm512_fmadd_ps(x1, load_w(w, (n + r) * K + k + 16, bf16), b[r]);
+            const char* next = (const char*)w + ((n + r) * K + k) * (bf16 ? 2 : 4) + ahead;
+            ask(next);
+            if (!bf16) ask(next + 64);
         }
     }
     for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
@@ -187,7 +203,8 @@ ALWAYS_INLINE void rows_float(const float* x, int64_t K, const void* w, int64_t 
 ALWAYS_INLINE void gemv_float(const float* x, int64_t M, int64_t K, const void* w, int64_t N, float* y, int threads,
                               const int bf16) {
     if (M == 1) {
-#define FLOAT_ROWS(r) rows_float(x, K, w, n, y + n, r, bf16)
+        const int64_t ahead = ahead_bytes(K * (bf16 ? 2 : 4), ROWS);
+#define FLOAT_ROWS(r) rows_float(x, K, w, n, y + n, r, bf16, ahead)
         FOR_ROW_GROUPS(N, FLOAT_ROWS)
         return;
     }
@@ -228,7 +245,8 @@ ALWAYS_INLINE void block_bf16(const __m512bh* xb, int64_t K, const uint16_t* w, 
 
 /* Batch 1: rows 0 .. R-1 of W (row stride K) times one row of x; two accumulators a row
  * (alternate 32 columns: two dependency chains). */
-ALWAYS_INLINE void rows_bf16(const __m512bh* xb, int64_t K, const uint16_t* wr, float* y, const int R) {
+ALWAYS_INLINE void rows_bf16(const __m512bh* xb, int64_t K, const uint16_t* wr, float* y, const int R,
+                             int64_t ahead) {
     __m512 a[4], b[4];
     for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
     int64_t k = 0;
@@ -236,6 +254,8 @@ ALWAYS_INLINE void rows_bf16(const __m512bh* xb, int64_t K, const uint16_t* wr, 
         for (int r = 0; r < R; r++) {
             a[r] = _mm512_dpbf16_ps(a[r], xb[k / 32], (__m512bh)_mm512_loadu_si512(wr + r * K + k));
             b[r] = _mm512_dpbf16_ps(b[r], xb[k / 32 + 1], (__m512bh)_mm512_loadu_si512(wr + r * K + k + 32));
+            ask((const char*)(wr + r * K + k) + ahead);
+            ask((const char*)(wr + r * K + k + 32) + ahead);
         }
     if (k < K)
         for (int r = 0; r < R; r++)
@@ -246,7 +266,8 @@ ALWAYS_INLINE void rows_bf16(const __m512bh* xb, int64_t K, const uint16_t* wr, 
 void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int threads) {
     __m512bh* xb = to_bf16(x, M, K);
     if (M == 1) {
-#define BF16_ROWS(r) rows_bf16(xb, K, w + n * K, y + n, r)
+        const int64_t ahead = ahead_bytes(K * 2, ROWS);
+#define BF16_ROWS(r) rows_bf16(xb, K, w + n * K, y + n, r, ahead)
         FOR_ROW_GROUPS(N, BF16_ROWS)
         free(xb);
         return;
@@ -326,7 +347,7 @@ ALWAYS_INLINE void row_int8(const int16_t* xq, const float* xs, int64_t K, const
 
 /* Batch 1: rows 0 .. R-1 of W (row stride K, scales sr) times one row of x. */
 ALWAYS_INLINE void rows_int8(const int16_t* xq, const float* xs, int64_t K, const int8_t* wr, const uint16_t* sr,
-                             float* y, const int R) {
+                             float* y, const int R, int64_t ahead) {
     __m512 t[4];
     for (int r = 0; r < R; r++) t[r] = _mm512_setzero_ps();
     for (int64_t k0 = 0; k0 < K; k0 += XB) {
@@ -337,6 +358,7 @@ ALWAYS_INLINE void rows_int8(const int16_t* xq, const float* xs, int64_t K, cons
             __m512i xv = load_q(xq, k);
             for (int r = 0; r < R; r++) {
                 __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + r * K + k)));
+                if ((k & 63) == 0) ask(wr + r * K + k + ahead);
                 a[r] = _mm512_dpwssd_epi32(a[r], xv, wv);
             }
         }
@@ -351,7 +373,8 @@ void gemv_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint
     XInt16 xi = to_int16(x, M, K);
     int64_t blocks = (K + XB - 1) / XB;
     if (M == 1 && ROWS > 1) {
-#define INT8_ROWS(r) rows_int8(xi.q, xi.s, K, w + n * K, scales + n, y + n, r)
+        const int64_t ahead = ahead_bytes(K, ROWS);
+#define INT8_ROWS(r) rows_int8(xi.q, xi.s, K, w + n * K, scales + n, y + n, r, ahead)
         FOR_ROW_GROUPS(N, INT8_ROWS)
         free(xi.q);
         free(xi.s);
@@ -427,7 +450,7 @@ static XSplit to_split_blocks(const float* x, int64_t M, int64_t K) {
  * scale * (x's scale * sum(q_w q_x)) + (zero - 8 scale) * (x's block sum). Up to 4 rows keep the
  * low and high halves' sums apart (four dependency chains a row). */
 ALWAYS_INLINE void row_int4(const XSplit* xi, int64_t K, const uint8_t* wr, const uint16_t* sr, const uint16_t* zr,
-                            int gshift, float* y, int64_t N, const int tile) {
+                            int gshift, float* y, int64_t N, const int tile, int64_t ahead) {
     const int64_t blocks = K / 32, supers = (blocks + LANES - 1) / LANES, lanes = supers * LANES;
     const int four = tile <= 4;
     const __m512i nibble = _mm512_set1_epi8(15);
@@ -443,6 +466,7 @@ ALWAYS_INLINE void row_int4(const XSplit* xi, int64_t K, const uint8_t* wr, cons
         for (int j = 0; j < tile; j++) ah[j] = al[j] = bh[j] = bl[j] = _mm512_setzero_si512();
         for (int p = 0; p < 4; p++) {
             __m512i w = _mm512_maskz_loadu_epi8(bytes, ws + p * 4 * m);
+            ask(ws + p * 4 * m + ahead);
             __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
             for (int j = 0; j < tile; j++) {
                 const int8_t* xv = xi->q + (j * supers + s) * 1024 + p * 256;
@@ -483,12 +507,14 @@ void gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uin
     const int64_t groups = K / G, supers = (K / 32 + LANES - 1) / LANES, lanes = supers * LANES;
     const int gshift = __builtin_ctzll((unsigned long long)G);
     XSplit xi = to_split_blocks(x, M, K);
+    const int64_t ahead = ahead_bytes(K / 2, 1);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
 #define INT4(t)                                                                                                    \
     do {                                                                                                           \
         XSplit rows = {xi.q + m0 * supers * 1024, xi.s + m0 * lanes, xi.sum + m0 * lanes};                           \
-        row_int4(&rows, K, w + n * K / 2, scales + n * groups, zeros + n * groups, gshift, y + m0 * N + n, N, t); \
+        row_int4(&rows, K, w + n * K / 2, scales + n * groups, zeros + n * groups, gshift, y + m0 * N + n, N, t,  \
+                 ahead);                                                                                           \
     } while (0)
         FOR_TILES(M, INT4)
     }
