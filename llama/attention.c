@@ -119,9 +119,7 @@ static void unit(const Problem* p, int64_t b, int64_t kh, int64_t s0, int64_t s1
 
 /* Most query vectors `unit_lanes` takes (256 queries a KV head: 16 new tokens of 16 heads each). */
 #define MAX_VECTORS 16
-#ifndef LANES_FROM
-#define LANES_FROM 8  /* fewest queries a KV head for which unit_lanes serves */
-#endif
+#define LANES_FROM 8  /* fewest queries a KV head for which unit_lanes serves (4 tokens of 3 heads: 2x `unit`) */
 
 /* `unit` for many queries (several new tokens): the queries in vector lanes, 16 a vector, so that a
  * score is 16 queries times one key (a broadcast entry of the key per multiply-add) and needs no
@@ -179,7 +177,8 @@ static void unit_lanes(const Problem* p, int64_t b, int64_t kh, int64_t s0, int6
     for (int64_t s = 0; s < reach; s++)
         for (int64_t j = 0; j < nv; j++) {
             __mmask16 sees = _mm512_cmplt_epi32_mask(_mm512_set1_epi32((int32_t)s), seen[j]);
-            __m512 e = _mm512_maskz_mov_ps(sees, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sc + s * w + 16 * j), top[j])));
+            __m512 score = _mm512_loadu_ps(sc + s * w + 16 * j);
+            __m512 e = _mm512_maskz_mov_ps(sees, exp_nonpositive(_mm512_sub_ps(score, top[j])));
             _mm512_storeu_ps(sc + s * w + 16 * j, e);
             sum[j] = _mm512_add_ps(sum[j], e);
         }

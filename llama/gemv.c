@@ -390,7 +390,6 @@ void gemv_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint
     free(xi.s);
 }
 
-
 /* int4. A row's K columns are blocks of 32 (a block lies in one group of G columns, G a multiple
  * of 32), taken 16 blocks (a "superblock": 512 columns, 256 bytes) at a time, the last superblock
  * holding the m = 1..16 blocks left. A superblock is 4 vectors of 4m bytes: in vector p, bytes
