@@ -126,6 +126,19 @@ static inline int64_t ahead_bytes(int64_t row_bytes, int64_t R) {
 }
 ALWAYS_INLINE void ask(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
 
+/* Scratch memory for x as a kernel rounds it (up to 3 arrays a call): kept per calling thread and
+ * grown to the largest call, so that a decode step's 50-odd products make no allocations (they
+ * cost about a microsecond a call in malloc, calloc and free). 64-byte aligned; contents undefined. */
+static __thread struct { void* p; size_t bytes; } scratch_held[3];
+static void* scratch(int i, size_t bytes) {
+    if (bytes > scratch_held[i].bytes) {
+        free(scratch_held[i].p);
+        scratch_held[i].bytes = (bytes + 4095) / 4096 * 4096;
+        scratch_held[i].p = aligned_alloc(64, scratch_held[i].bytes);
+    }
+    return scratch_held[i].p;
+}
+
 /* 16 bfloat16 values (fewer under mask m; the rest 0) as float32 (exact: the top half of a float32). */
 ALWAYS_INLINE __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -220,7 +233,7 @@ void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, f
 #ifdef __AVX512BF16__
 /* x (M, K) float32 -> bfloat16, 32 values a vector (rounded to nearest even, as PyTorch rounds). */
 static __m512bh* to_bf16(const float* x, int64_t M, int64_t K) {
-    __m512bh* xb = (__m512bh*)aligned_alloc(64, (M * K * 2 + 63) / 64 * 64);
+    __m512bh* xb = (__m512bh*)scratch(0, M * K * 2);
     for (int64_t i = 0; i < M * K / 32; i++)
         xb[i] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 32 * i + 16), _mm512_loadu_ps(x + 32 * i));
     return xb;
@@ -270,12 +283,10 @@ void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t 
         const int64_t ahead = ahead_bytes(K * 2, ROWS);
 #define BF16_ROWS(r) rows_bf16(xb, K, w + n * K, y + n, r, ahead)
         FOR_ROW_GROUPS(N, BF16_ROWS)
-        free(xb);
         return;
     }
 #define BF16(R, t) block_bf16(xb + m0 * K / 32, K, w, n, N, y + m0 * N, R, t, m0 == 0 && R == 4)
     FOR_BLOCKS(N, M, BF16)
-    free(xb);
 }
 #else
 void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int threads) {
@@ -297,7 +308,7 @@ typedef struct {
 
 static XInt16 to_int16(const float* x, int64_t M, int64_t K) {
     int64_t blocks = (K + XB - 1) / XB;
-    XInt16 r = {(int16_t*)aligned_alloc(64, (M * K * 2 + 63) / 64 * 64), (float*)malloc(M * blocks * sizeof(float))};
+    XInt16 r = {(int16_t*)scratch(0, M * K * 2), (float*)scratch(1, M * blocks * sizeof(float))};
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < blocks; b++) {
             int64_t k0 = b * XB, k1 = k0 + XB < K ? k0 + XB : K;
@@ -377,8 +388,6 @@ void gemv_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint
         const int64_t ahead = ahead_bytes(K, ROWS);
 #define INT8_ROWS(r) rows_int8(xi.q, xi.s, K, w + n * K, scales + n, y + n, r, ahead)
         FOR_ROW_GROUPS(N, INT8_ROWS)
-        free(xi.q);
-        free(xi.s);
         return;
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -386,8 +395,6 @@ void gemv_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint
 #define INT8(t) row_int8(xi.q + m0 * K, xi.s + m0 * blocks, K, w + n * K, y + m0 * N + n, N, bf16_to_float(scales[n]), t)
         FOR_TILES(M, INT8)
     }
-    free(xi.q);
-    free(xi.s);
 }
 
 /* int4. A row's K columns are blocks of 32 (a block lies in one group of G columns, G a multiple
@@ -415,9 +422,11 @@ typedef struct {
 
 static XSplit to_split_blocks(const float* x, int64_t M, int64_t K) {
     const int64_t blocks = K / 32, supers = (blocks + LANES - 1) / LANES, lanes = supers * LANES;
-    XSplit r = {(int8_t*)aligned_alloc(64, M * supers * 1024), (float*)calloc(M * lanes, sizeof(float)),
-                (float*)calloc(M * lanes, sizeof(float))};
-    memset(r.q, 0, M * supers * 1024);
+    XSplit r = {(int8_t*)scratch(0, M * supers * 1024), (float*)scratch(1, M * lanes * sizeof(float)),
+                (float*)scratch(2, M * lanes * sizeof(float))};
+    /* lanes past the last block: no weights there (loaded as zeros), but their scales must be 0 */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = blocks; b < lanes; b++) r.s[m * lanes + b] = r.sum[m * lanes + b] = 0;
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < blocks; b++) {
             const float* xb = x + m * K + b * 32;
@@ -518,9 +527,6 @@ void gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uin
     } while (0)
         FOR_TILES(M, INT4)
     }
-    free(xi.q);
-    free(xi.s);
-    free(xi.sum);
 }
 
 /* 16 float32 values as bfloat16, rounded to nearest even (finite values), stored at o. */
