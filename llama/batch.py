@@ -337,7 +337,8 @@ class Batch:
         updates = []
         if sync or len(self.pending) >= max(r.left):
             updates, kept = self._sync()
-            token = token[kept]
+            if kept is not None:
+                token = token[kept]
         r = self.rows
         if r.keys:
             r.logits = self.decode(token, r.pos, r.pos_host)
@@ -346,8 +347,9 @@ class Batch:
             r.pos = torch.minimum(r.pos + 1, r.row_cap)
         return updates
 
-    def _sync(self) -> Tuple[List[RowUpdate], torch.Tensor]:
-        """(an update per row, the positions of the rows still running); drops the finished rows."""
+    def _sync(self) -> Tuple[List[RowUpdate], Optional[torch.Tensor]]:
+        """(an update per row, the positions of the rows still running, None when all are); drops
+        the finished rows."""
         new = torch.stack(self.pending, 1).tolist()
         new_lp = torch.stack(self.pending_lp, 1).tolist() if self.logprobs else [[] for _ in new]
         top_lp = torch.stack([v for v, _ in self.pending_top], 1).tolist() if self.pending_top else None
@@ -376,6 +378,8 @@ class Batch:
             updates.append(u)
             if u.finish_reason:
                 done.add(key)
+        if not done:
+            return updates, None
         kept = torch.tensor([a for a, k in enumerate(self.rows.keys) if k not in done],
                             device=self.model.device, dtype=torch.long)
         self.drop(done)
