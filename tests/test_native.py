@@ -109,6 +109,24 @@ def test_int4_kernel(rows, group, k):
 
 
 @NEEDS
+def test_int4_kernel_ignores_what_an_earlier_product_left():
+    """The kernels round x into scratch memory kept between calls; a product whose last group of
+    blocks is partial must not read the lanes past it as an earlier, wider product left them. Here
+    the earlier product's x has an infinite entry in block 20 (its scale infinite), then a product
+    of 18 blocks (lanes 2..15 of its second group empty, lane 4 where block 20 was) answers as it
+    does in a fresh process."""
+    x, w = operands(1, 576)
+    weight = kernel_weight(quantize(w, Scheme("int4", 32)), torch.device("cpu"))
+    fresh = native.matvec(x, "int4", weight.data, weight.scales, weight.zeros, 32, w.shape[0])
+    wide_x, wide_w = operands(1, 1024, seed=1)
+    wide_x[0, 20 * 32 + 5] = float("inf")
+    wide = kernel_weight(quantize(wide_w, Scheme("int4", 32)), torch.device("cpu"))
+    native.matvec(wide_x, "int4", wide.data, wide.scales, wide.zeros, 32, wide_w.shape[0])
+    again = native.matvec(x, "int4", weight.data, weight.scales, weight.zeros, 32, w.shape[0])
+    assert torch.isfinite(again).all() and torch.equal(again, fresh)
+
+
+@NEEDS
 @pytest.mark.parametrize("group,k", INT4_SHAPES)
 def test_int4_dequantization(group, k):
     """An int4 weight widened for a prompt's product: float32 values exactly as `dequantize` makes
