@@ -411,7 +411,8 @@ void gemv_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint
  * instructions of int8 x (whose coarser rounding, a 254th of a block's largest entry, changed a
  * real model's greedy answers) but a quarter of widening the weights to int16. Laid out to match
  * the weights: per superblock 8 vectors v, each h then l, 64 bytes each, holding columns 4v ..
- * 4v+3 of block i in bytes 4i .. 4i+3 (lanes past m zero). */
+ * 4v+3 of block i in bytes 4i .. 4i+3 (lanes past m hold whatever the scratch memory held: the
+ * weights there load as zeros). */
 #define LANES 16
 #define X_STEP 32512  /* 127 * 256: h stays within a signed byte */
 typedef struct {
