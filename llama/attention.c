@@ -19,30 +19,15 @@
  * row b sees positions 0 .. min(last[b, t], S - 1). Head h reads KV head h / (H / Hkv). D % 16 == 0.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)  /* as gemv.c */
 #include <immintrin.h>
-
-/* exp(x) for x <= 0 (to float32's rounding: range reduction to r in [-ln2/2, ln2/2], a degree-6
- * polynomial, times 2^n); below -87 it is 0 or about 1e-38, which a sum of exps >= 1 ignores. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* 16 values of a cached key or value (float32 or bfloat16) as float32. */
 static inline __m512 load16(const void* base, int64_t i, int bf16) {
@@ -207,21 +192,30 @@ static void unit_lanes(const Problem* p, int64_t b, int64_t kh, int64_t s0, int6
     free(wide);
 }
 
-void attend(const float* q, int64_t B, int64_t T, int64_t H, int64_t D, const void* k, const void* v, int bf16,
-            int64_t Hkv, int64_t S, int64_t sb, int64_t sh, int64_t ss, const int64_t* last, float* out, int threads) {
+/* How attend_team splits its work: units of (row, KV head, range of `per` positions), enough to
+ * keep every thread of the team busy, each at least 64 positions. */
+static int64_t splits_for(int64_t B, int64_t Hkv, int64_t span, int team) {
+    int64_t splits = (2 * team + B * Hkv - 1) / (B * Hkv), most = (span + 63) / 64;
+    splits = splits < most ? splits : most;
+    return splits < 1 ? 1 : splits;
+}
+
+int64_t attend_work(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int team) {
+    const int64_t splits = (2 * team + B * Hkv - 1) / (B * Hkv);  /* splits_for's most */
+    return B * Hkv * (splits < 1 ? 1 : splits) * (H / Hkv) * T * (D + 2);
+}
+
+void attend_team(const float* q, int64_t B, int64_t T, int64_t H, int64_t D, const void* k, const void* v, int bf16,
+                 int64_t Hkv, int64_t S, int64_t sb, int64_t sh, int64_t ss, const int64_t* last, float* out,
+                 float* work) {
     Problem p = {q, k, v, last, T, H, D, Hkv, H / Hkv, bf16, sb, sh, ss};
     int64_t span = 0;  /* positions any query sees */
     for (int64_t i = 0; i < B * T; i++) span = last[i] + 1 > span ? last[i] + 1 : span;
     span = span < S ? span : S;
-    /* enough units to keep every thread busy, each at least 64 positions */
-    int64_t splits = (2 * threads + B * Hkv - 1) / (B * Hkv), most = (span + 63) / 64;
-    splits = splits < most ? splits : most;
-    splits = splits < 1 ? 1 : splits;
-    int64_t per = (span + splits - 1) / splits, nq = p.g * T, units = B * Hkv * splits;
-    float* m = (float*)malloc((size_t)(units * nq) * sizeof(float));
-    float* l = (float*)malloc((size_t)(units * nq) * sizeof(float));
-    float* acc = (float*)malloc((size_t)(units * nq * D) * sizeof(float));
-#pragma omp parallel for schedule(static) num_threads(threads)
+    const int64_t splits = splits_for(B, Hkv, span, omp_get_num_threads());
+    const int64_t per = (span + splits - 1) / splits, nq = p.g * T, units = B * Hkv * splits;
+    float *m = work, *l = work + units * nq, *acc = work + 2 * units * nq;
+#pragma omp for schedule(static)
     for (int64_t u = 0; u < units; u++) {
         int64_t b = u / (Hkv * splits), kh = u / splits % Hkv, s0 = u % splits * per;
         int64_t s1 = s0 + per < span ? s0 + per : span;
@@ -230,26 +224,34 @@ void attend(const float* q, int64_t B, int64_t T, int64_t H, int64_t D, const vo
         else
             unit(&p, b, kh, s0, s1 > s0 ? s1 : s0, m + u * nq, l + u * nq, acc + u * nq * D);
     }
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t kh = 0; kh < Hkv; kh++)
-            for (int64_t i = 0; i < nq; i++) {
-                int64_t u0 = (b * Hkv + kh) * splits, t = i / p.g, h = kh * p.g + i % p.g;
-                float mx = -INFINITY, total = 0;
-                for (int64_t s = 0; s < splits; s++) mx = m[(u0 + s) * nq + i] > mx ? m[(u0 + s) * nq + i] : mx;
-                float* o = out + (b * T + t) * H * D + h * D;
-                memset(o, 0, (size_t)D * sizeof(float));
-                for (int64_t s = 0; s < splits; s++) {
-                    int64_t j = (u0 + s) * nq + i;
-                    if (l[j] == 0) continue;  /* this query sees none of the unit's positions */
-                    float f = expf(m[j] - mx);
-                    total += l[j] * f;
-                    for (int64_t e = 0; e < D; e++) o[e] += acc[j * D + e] * f;
-                }
-                for (int64_t e = 0; e < D; e++) o[e] /= total;
+    /* each (row, KV head)'s units merged */
+#pragma omp for schedule(static)
+    for (int64_t bk = 0; bk < B * Hkv; bk++) {
+        const int64_t b = bk / Hkv, kh = bk % Hkv, u0 = bk * splits;
+        for (int64_t i = 0; i < nq; i++) {
+            int64_t t = i / p.g, h = kh * p.g + i % p.g;
+            float mx = -INFINITY, total = 0;
+            for (int64_t s = 0; s < splits; s++) mx = m[(u0 + s) * nq + i] > mx ? m[(u0 + s) * nq + i] : mx;
+            float* o = out + (b * T + t) * H * D + h * D;
+            memset(o, 0, (size_t)D * sizeof(float));
+            for (int64_t s = 0; s < splits; s++) {
+                int64_t j = (u0 + s) * nq + i;
+                if (l[j] == 0) continue;  /* this query sees none of the unit's positions */
+                float f = expf(m[j] - mx);
+                total += l[j] * f;
+                for (int64_t e = 0; e < D; e++) o[e] += acc[j * D + e] * f;
             }
-    free(m);
-    free(l);
-    free(acc);
+            for (int64_t e = 0; e < D; e++) o[e] /= total;
+        }
+    }
+}
+
+void attend(const float* q, int64_t B, int64_t T, int64_t H, int64_t D, const void* k, const void* v, int bf16,
+            int64_t Hkv, int64_t S, int64_t sb, int64_t sh, int64_t ss, const int64_t* last, float* out, int threads) {
+    float* work = (float*)malloc((size_t)attend_work(B, T, H, Hkv, D, threads) * sizeof(float));
+#pragma omp parallel num_threads(threads)
+    attend_team(q, B, T, H, D, k, v, bf16, Hkv, S, sb, sh, ss, last, out, work);
+    free(work);
 }
 
 #endif

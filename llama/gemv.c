@@ -1,6 +1,7 @@
 /* Matrix-vector products for decoding on the CPU: y (M, N) = x (M, K) W^T for a few rows of x,
  * reading W once, at the memory's speed. llama/native.py compiles this file for the machine it runs
- * on (cc -O3 -march=native -fopenmp) and calls it through ctypes; without AVX-512 (F, BW, VNNI:
+ * on (cc -O3 -march=native -fopenmp), and llama/ops.cpp and layer.c call it (kernels.h); without
+ * AVX-512 (F, BW, VNNI:
  * Intel Cascade Lake, Ice Lake, Sapphire Rapids, AMD Zen 4 and later) it compiles to nothing but
  * native_supported() == 0, and PyTorch's kernels are used.
  *
@@ -24,11 +25,15 @@
  *             (zero - 8 scale) * sum(x).
  * (Widening int8 to bfloat16 takes five instructions per 32 weights, to int16 one: with bfloat16 x
  * these two kernels were bound by arithmetic rather than by memory; so was int4 widened to int16.)
- * Every function takes its thread count (PyTorch's) and accumulates in float32. K % 32 == 0.
+ * Every product accumulates in float32, and K % 32 == 0. `gemv_team` is called by each thread of
+ * a team (kernels.h): each thread rounds x itself, into scratch memory of its own, then takes its
+ * share of the rows of W.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "kernels.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -80,7 +85,7 @@ static inline float bf16_to_float(uint16_t b) {
         }                                                                                       \
     }
 #define FOR_BLOCKS(N, M, body)                                                                  \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                           \
+    _Pragma("omp for schedule(static)")                                                         \
     for (int64_t n0 = 0; n0 < (N); n0 += 4) {                                                   \
         if ((N) - n0 >= 4) {                                                                    \
             const int64_t n = n0;                                                               \
@@ -102,7 +107,7 @@ static inline float bf16_to_float(uint16_t b) {
 #error "ROWS is at most 4"
 #endif
 #define FOR_ROW_GROUPS(N, body)                                                                 \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                           \
+    _Pragma("omp for schedule(static)")                                                         \
     for (int64_t n = 0; n < (N); n += ROWS) {                                                   \
         switch ((N) - n < ROWS ? (N) - n : ROWS) {                                              \
             case 1: body(1); break;                                                             \
@@ -214,7 +219,7 @@ ALWAYS_INLINE void rows_float(const float* x, int64_t K, const void* w, int64_t 
     for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
 }
 
-ALWAYS_INLINE void gemv_float(const float* x, int64_t M, int64_t K, const void* w, int64_t N, float* y, int threads,
+ALWAYS_INLINE void team_float(const float* x, int64_t M, int64_t K, const void* w, int64_t N, float* y,
                               const int bf16) {
     if (M == 1) {
         const int64_t ahead = ahead_bytes(K * (bf16 ? 2 : 4), ROWS);
@@ -226,9 +231,6 @@ ALWAYS_INLINE void gemv_float(const float* x, int64_t M, int64_t K, const void* 
     FOR_BLOCKS(N, M, FLOAT)
 }
 
-void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int threads) {
-    gemv_float(x, M, K, w, N, y, threads, 0);
-}
 
 #ifdef __AVX512BF16__
 /* x (M, K) float32 -> bfloat16, 32 values a vector (rounded to nearest even, as PyTorch rounds). */
@@ -277,7 +279,7 @@ ALWAYS_INLINE void rows_bf16(const __m512bh* xb, int64_t K, const uint16_t* wr, 
     for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
 }
 
-void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int threads) {
+static void team_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y) {
     __m512bh* xb = to_bf16(x, M, K);
     if (M == 1) {
         const int64_t ahead = ahead_bytes(K * 2, ROWS);
@@ -289,8 +291,8 @@ void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t 
     FOR_BLOCKS(N, M, BF16)
 }
 #else
-void gemv_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int threads) {
-    gemv_float(x, M, K, w, N, y, threads, 1);
+static void team_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y) {
+    team_float(x, M, K, w, N, y, 1);
 }
 #endif
 
@@ -380,8 +382,8 @@ ALWAYS_INLINE void rows_int8(const int16_t* xq, const float* xs, int64_t K, cons
     for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(t[r]) * bf16_to_float(sr[r]);
 }
 
-void gemv_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t N, float* y,
-               int threads) {
+static void team_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scales, int64_t N,
+                      float* y) {
     XInt16 xi = to_int16(x, M, K);
     int64_t blocks = (K + XB - 1) / XB;
     if (M == 1 && ROWS > 1) {
@@ -390,7 +392,7 @@ void gemv_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint
         FOR_ROW_GROUPS(N, INT8_ROWS)
         return;
     }
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
 #define INT8(t) row_int8(xi.q + m0 * K, xi.s + m0 * blocks, K, w + n * K, y + m0 * N + n, N, bf16_to_float(scales[n]), t)
         FOR_TILES(M, INT8)
@@ -512,13 +514,13 @@ ALWAYS_INLINE void row_int4(const XSplit* xi, int64_t K, const uint8_t* wr, cons
     for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(t[j]);
 }
 
-void gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales, const uint16_t* zeros,
-               int64_t G, int64_t N, float* y, int threads) {
+static void team_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                      const uint16_t* zeros, int64_t G, int64_t N, float* y) {
     const int64_t groups = K / G, supers = (K / 32 + LANES - 1) / LANES, lanes = supers * LANES;
     const int gshift = __builtin_ctzll((unsigned long long)G);
     XSplit xi = to_split_blocks(x, M, K);
     const int64_t ahead = ahead_bytes(K / 2, 1);
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
 #define INT4(t)                                                                                                    \
     do {                                                                                                           \
@@ -528,6 +530,20 @@ void gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uin
     } while (0)
         FOR_TILES(M, INT4)
     }
+}
+
+void gemv_team(const Weight* w, const float* x, int64_t M, float* y) {
+    switch (w->kind) {
+        case WEIGHT_F32: team_float(x, M, w->k, w->data, w->n, y, 0); break;
+        case WEIGHT_BF16: team_bf16(x, M, w->k, w->data, w->n, y); break;
+        case WEIGHT_INT8: team_int8(x, M, w->k, w->data, w->scales, w->n, y); break;
+        default: team_int4(x, M, w->k, w->data, w->scales, w->zeros, w->group_size, w->n, y); break;
+    }
+}
+
+void gemv(const Weight* w, const float* x, int64_t M, float* y, int threads) {
+#pragma omp parallel num_threads(threads)
+    gemv_team(w, x, M, y);
 }
 
 /* 16 float32 values as bfloat16, rounded to nearest even (finite values), stored at o. */

@@ -29,7 +29,8 @@ from typing import List, Optional
 import torch
 
 HERE = Path(__file__).parent
-C_SOURCES = [HERE / "gemv.c", HERE / "attention.c"]
+C_SOURCES = [HERE / "gemv.c", HERE / "attention.c", HERE / "layer.c"]
+HEADER = HERE / "kernels.h"  # what they and ops.cpp share
 CPP_SOURCE = HERE / "ops.cpp"
 TORCH = Path(torch.__file__).parent  # its headers and libraries (what torch.utils.cpp_extension names, without
 #                                      importing it: it needs setuptools)
@@ -44,6 +45,8 @@ INT4_LANES = 16  # blocks of 32 columns in one of the int4 layout's superblocks 
 OPERATORS = torch.library.Library("llama", "DEF")
 OPERATORS.define("gemv(Tensor x, str kind, Tensor data, Tensor? scales, Tensor? zeros, int group_size, int n) -> Tensor")
 OPERATORS.define("attend(Tensor q, Tensor keys, Tensor values, Tensor last) -> Tensor")
+OPERATORS.define("decode_layers(Tensor h, Tensor[] norms, float eps, Tensor[] weights, Tensor cos, Tensor sin, "
+                 "Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, Tensor last, int n_heads) -> Tensor")
 
 
 @torch.library.register_fake("llama::gemv")
@@ -54,6 +57,11 @@ def _(x, kind, data, scales, zeros, group_size, n):
 @torch.library.register_fake("llama::attend")
 def _(q, keys, values, last):
     return q.new_empty(q.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("llama::decode_layers")
+def _(h, norms, eps, weights, cos, sin, cache_k, cache_v, last, n_heads):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
 def cache_folder() -> Path:
@@ -125,7 +133,7 @@ def build() -> "tuple[Optional[ctypes.CDLL], str]":
     it registers llama::gemv and llama::attend for the CPU."""
     if os.environ.get("LLAMA_NATIVE", "1") == "0":
         return None, "LLAMA_NATIVE=0"
-    sources = b"".join(src.read_bytes() for src in C_SOURCES + [CPP_SOURCE])
+    sources = b"".join(src.read_bytes() for src in C_SOURCES + [HEADER, CPP_SOURCE])
     key = hashlib.sha256(sources + " ".join(c_flags()).encode() + torch.__version__.encode() + cpu_signature().encode())
     path = cache_folder() / f"kernels-{key.hexdigest()[:16]}.so"
     if not path.exists():

@@ -4,7 +4,7 @@ how each checkpoint tensor is split over the model-parallel ranks.
 The Transformer in llama.model is built from these layers; it never asks which rank it is on.
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -105,8 +105,12 @@ class SharedInput(nn.Module):
         self.joined_quantized = joined if isinstance(joined, QuantizedWeight) else None
         return joined is not None
 
+    def joined(self) -> Union[torch.Tensor, QuantizedWeight, None]:
+        """The layers' weights as one (stacked by rows), or None where they are applied apart."""
+        return self.joined_float if self.joined_float is not None else self.joined_quantized
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        joined = self.joined_float if self.joined_float is not None else self.joined_quantized
+        joined = self.joined()
         if joined is None:
             return tuple(layer(x) for layer in self.layers)
         return linear(x, joined).split(self.sizes, dim=-1)
