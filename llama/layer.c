@@ -9,8 +9,11 @@
  * operators a layer). Here one team of threads runs every layer, waiting for one another only
  * where a result is needed whole: after each product, the rotations and the attention.
  *
- * The math is TransformerBlock's, in float32 (h, norms and caches' reads; a bfloat16 cache is
- * written rounded to nearest even, as PyTorch's copy rounds):
+ * The math is TransformerBlock's, in float32 (a bfloat16 cache is written rounded to nearest even,
+ * as PyTorch's copy rounds); for a bfloat16 model (`rounded`: bfloat16 activations and norms) each
+ * operator's result is rounded to bfloat16 where the blocks' bfloat16 tensors round it: the norm
+ * before and after its weight, each product, each rotation, attention, each residual, the
+ * activation and its product with `up`.
  *   x = rms_norm(h) * attention_norm;  q, k, v = x Wqkv^T;  q, k rotated (interleaved pairs);
  *   k, v written to the cache at each token's position;  h += attention(q, cache) Wo^T;
  *   x = rms_norm(h) * ffn_norm;  gate, up = x W13^T;  h += (silu(gate) up) W2^T.
@@ -32,50 +35,84 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)  /* as gemv.c */
 
+/* v rounded to bfloat16 (to nearest even, as PyTorch rounds finite values) where `rounded`, as float32. */
+static inline __m512 round16(__m512 v, const int rounded) {
+    if (!rounded) return v;
+    __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000)));
+}
+
+static inline float round1(float f, const int rounded) {
+    if (!rounded) return f;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* 16 entries of a norm's weight: float32, or bfloat16 where `rounded`. */
+static inline __m512 load_norm(const void* w, int64_t i, const int rounded) {
+    if (!rounded) return _mm512_loadu_ps((const float*)w + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)w + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 /* out (M, dim) = x / sqrt(mean(x^2) + eps) * w, a row at a time (dim % 16 == 0). */
-static void rms_norm(const float* x, const float* w, int64_t M, int64_t dim, float eps, float* out) {
+static void rms_norm(const float* x, const void* w, int64_t M, int64_t dim, float eps, float* out, const int rounded) {
     for (int64_t m = 0; m < M; m++) {
         const float* r = x + m * dim;
         __m512 s = _mm512_setzero_ps();
         for (int64_t i = 0; i < dim; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(r + i), s);
         const __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(s) / (float)dim + eps));
-        for (int64_t i = 0; i < dim; i += 16)
-            _mm512_storeu_ps(out + m * dim + i,
-                             _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(r + i), scale), _mm512_loadu_ps(w + i)));
+        for (int64_t i = 0; i < dim; i += 16) {
+            const __m512 normed = round16(_mm512_mul_ps(_mm512_loadu_ps(r + i), scale), rounded);
+            _mm512_storeu_ps(out + m * dim + i, round16(_mm512_mul_ps(normed, load_norm(w, i, rounded)), rounded));
+        }
     }
+}
+
+/* h (n values, n % 16 == 0) += o, each rounded where `rounded`. */
+static void add(float* h, const float* o, int64_t n, const int rounded) {
+    for (int64_t i = 0; i < n; i += 16)
+        _mm512_storeu_ps(h + i, round16(_mm512_add_ps(_mm512_loadu_ps(h + i), round16(_mm512_loadu_ps(o + i), rounded)),
+                                        rounded));
 }
 
 /* One head's D values rotated by the angles' cos and sin (D / 2): pairs (x[2i], x[2i+1]). */
-static void rotate(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
+static void rotate(const float* x, const float* cos, const float* sin, int64_t D, float* out, const int rounded) {
     for (int64_t i = 0; i < D / 2; i++) {
-        const float x0 = x[2 * i], x1 = x[2 * i + 1];
-        out[2 * i] = x0 * cos[i] - x1 * sin[i];
-        out[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
+        const float x0 = round1(x[2 * i], rounded), x1 = round1(x[2 * i + 1], rounded);
+        out[2 * i] = round1(x0 * cos[i] - x1 * sin[i], rounded);
+        out[2 * i + 1] = round1(x0 * sin[i] + x1 * cos[i], rounded);
     }
 }
 
-/* D float32 values into a cache slot, as float32 or bfloat16 (rounded to nearest even). */
-static void store(void* slot, const float* x, int64_t D, int bf16) {
-    if (!bf16) {
-        memcpy(slot, x, (size_t)D * sizeof(float));
-        return;
-    }
-    uint16_t* o = (uint16_t*)slot;
+/* D float32 values (rounded to bfloat16 first where `rounded`) into a cache slot, as float32 or
+ * bfloat16 (rounded to nearest even). */
+static void store(void* slot, const float* x, int64_t D, int bf16, const int rounded) {
     for (int64_t i = 0; i < D; i++) {
-        uint32_t u;
-        memcpy(&u, x + i, 4);
-        o[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+        const float f = round1(x[i], rounded || bf16);
+        if (bf16) {
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            ((uint16_t*)slot)[i] = (uint16_t)(u >> 16);
+        } else {
+            ((float*)slot)[i] = f;
+        }
     }
 }
 
-/* 16 values of silu(gate) * up: gate / (1 + exp(-gate)) * up. */
-static inline __m512 silu_times(__m512 gate, __m512 up) {
+/* 16 values of silu(gate) = gate / (1 + exp(-gate)). */
+static inline __m512 silu(__m512 gate) {
     const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gate)));  /* exp(-|gate|) */
     const __mmask16 negative = _mm512_cmp_ps_mask(gate, _mm512_setzero_ps(), _CMP_LT_OQ);
     const __m512 one = _mm512_set1_ps(1.0f);
     /* sigmoid(gate): 1 / (1 + e) where gate >= 0, e / (1 + e) below */
     const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
-    return _mm512_mul_ps(_mm512_mul_ps(gate, sigmoid), up);
+    return _mm512_mul_ps(gate, sigmoid);
 }
 
 /* Floats of each part of the work memory, rounded up to whole cache lines. */
@@ -101,7 +138,7 @@ int64_t layers_work(const Layer* layers, int64_t n_layers, int64_t B, int64_t T,
 /* Layer L of h's tokens, run by each thread of the team: hp and x are the thread's own. */
 static void layer_team(const Layer* L, float* hp, float* x, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D,
                        const float* cos, const float* sin, void* k, void* v, int bf16, int64_t S, int64_t sb,
-                       int64_t sh, int64_t ss, const int64_t* last, float* work) {
+                       int64_t sh, int64_t ss, const int64_t* last, float* work, const int rounded) {
     const int64_t M = B * T, dim = L->wo.n, F = L->w2.k, g = H / Hkv, width = L->qkv.n, elt = bf16 ? 2 : 4;
     /* shared (shared_work): the products' outputs, the rotated queries, attention's own work */
     float* qkv = work;
@@ -111,7 +148,7 @@ static void layer_team(const Layer* L, float* hp, float* x, int64_t B, int64_t T
     float* gate_up = o + lines(M * dim);
     float* act = gate_up + lines(M * 2 * F);
     float* attention_work = act + lines(M * F);
-    rms_norm(hp, L->attention_norm, M, dim, L->eps, x);
+    rms_norm(hp, L->attention_norm, M, dim, L->eps, x, rounded);
     gemv_team(&L->qkv, x, M, qkv);
     /* a unit: token m's KV head kh (its key rotated and written, its value written) and the
      * query heads that read it (rotated into q) */
@@ -120,31 +157,37 @@ static void layer_team(const Layer* L, float* hp, float* x, int64_t B, int64_t T
         const int64_t m = u / Hkv, kh = u % Hkv, b = m / T, pos = last[m];
         float* row = qkv + m * width;
         const float *c = cos + m * D / 2, *s = sin + m * D / 2;
-        for (int64_t head = kh * g; head < (kh + 1) * g; head++) rotate(row + head * D, c, s, D, q + (m * H + head) * D);
+        for (int64_t head = kh * g; head < (kh + 1) * g; head++)
+            rotate(row + head * D, c, s, D, q + (m * H + head) * D, rounded);
         float* key = row + (H + kh) * D;
-        rotate(key, c, s, D, key);
+        rotate(key, c, s, D, key, rounded);
         const int64_t slot = (b * sb + kh * sh + pos * ss) * elt;
-        store((char*)k + slot, key, D, bf16);
-        store((char*)v + slot, row + (H + Hkv + kh) * D, D, bf16);
+        store((char*)k + slot, key, D, bf16, rounded);
+        store((char*)v + slot, row + (H + Hkv + kh) * D, D, bf16, rounded);
     }
     attend_team(q, B, T, H, D, k, v, bf16, Hkv, S, sb, sh, ss, last, att, attention_work);
+    if (rounded) {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * H * D; i += 16) _mm512_storeu_ps(att + i, round16(_mm512_loadu_ps(att + i), 1));
+    }
     gemv_team(&L->wo, att, M, o);
-    for (int64_t i = 0; i < M * dim; i++) hp[i] += o[i];
-    rms_norm(hp, L->ffn_norm, M, dim, L->eps, x);
+    add(hp, o, M * dim, rounded);
+    rms_norm(hp, L->ffn_norm, M, dim, L->eps, x, rounded);
     gemv_team(&L->w13, x, M, gate_up);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < M * F / 16; c++) {
         const int64_t m = c / (F / 16), f = c % (F / 16) * 16;
         const float* gu = gate_up + m * 2 * F;
-        _mm512_storeu_ps(act + m * F + f, silu_times(_mm512_loadu_ps(gu + f), _mm512_loadu_ps(gu + F + f)));
+        const __m512 gate = round16(_mm512_loadu_ps(gu + f), rounded), up = round16(_mm512_loadu_ps(gu + F + f), rounded);
+        _mm512_storeu_ps(act + m * F + f, round16(_mm512_mul_ps(round16(silu(gate), rounded), up), rounded));
     }
     gemv_team(&L->w2, act, M, o);
-    for (int64_t i = 0; i < M * dim; i++) hp[i] += o[i];
+    add(hp, o, M * dim, rounded);
 }
 
 void decode_layers(float* h, const Layer* layers, int64_t n_layers, int64_t B, int64_t T, int64_t H, int64_t Hkv,
                    int64_t D, const float* cos, const float* sin, void* const* k, void* const* v, int bf16, int64_t S,
-                   int64_t sb, int64_t sh, int64_t ss, const int64_t* last, float* work, int threads) {
+                   int64_t sb, int64_t sh, int64_t ss, const int64_t* last, int rounded, float* work, int threads) {
     const int64_t M = B * T, dim = layers[0].wo.n;
     float* own = work + layers_work(layers, n_layers, B, T, H, Hkv, D, threads) - threads * 2 * lines(M * dim);
 #pragma omp parallel num_threads(threads)
@@ -153,7 +196,7 @@ void decode_layers(float* h, const Layer* layers, int64_t n_layers, int64_t B, i
         memcpy(hp, h, (size_t)(M * dim) * sizeof(float));
         for (int64_t i = 0; i < n_layers; i++)
             layer_team(&layers[i], hp, hp + lines(M * dim), B, T, H, Hkv, D, cos, sin, k[i], v[i], bf16, S, sb, sh, ss,
-                       last, work);
+                       last, work, rounded);
 #pragma omp single nowait
         memcpy(h, hp, (size_t)(M * dim) * sizeof(float));
     }

@@ -8,7 +8,8 @@ so the time goes between them: Python's dispatch (eager), and threads started an
 team of threads that only wait for one another where a product's result is needed whole.
 
 It serves where the layers are exactly what layer.c computes on what it reads: the CPU with the
-project's kernels, float32 activations and norms, a few new tokens whose positions are given
+project's kernels, float32 or bfloat16 activations (norms of that dtype; bfloat16 results rounded as
+the blocks' bfloat16 tensors round them), a few new tokens whose positions are given
 (`plan.last`), one model-parallel rank (no all-reduce between), and each projection in a layout the
 kernels read (float32, bfloat16, int8, or int4 in their own layout), with wq/wk/wv and w1/w3 joined
 into one weight each (laid out one after another, as Llama.build lays them). Elsewhere the layers
@@ -21,6 +22,8 @@ import torch
 
 from llama import native
 from llama.kernels import QuantizedWeight
+
+ACTIVATIONS = (torch.float32, torch.bfloat16)  # the dtypes of h (and of the norms) the kernel takes
 
 
 def parts(weight: Union[torch.Tensor, QuantizedWeight, None]) -> Optional[List[torch.Tensor]]:
@@ -46,7 +49,8 @@ def weights(layers) -> Optional[List[torch.Tensor]]:
         if attention.wo.input_size_per_partition != attention.wo.in_features:  # split over ranks
             return None
         for norm in (layer.attention_norm, layer.ffn_norm):
-            if norm.weight.dtype != torch.float32 or norm.eps != layers[0].attention_norm.eps:
+            first = layers[0].attention_norm
+            if norm.weight.dtype not in ACTIVATIONS or (norm.weight.dtype, norm.eps) != (first.weight.dtype, first.eps):
                 return None
             norms.append(norm.weight)
         for weight in (attention.wqkv.joined(), attention.wo.weight, ffn.w13.joined(), ffn.w2.weight):
@@ -78,7 +82,7 @@ class LayerWeights:
 
 def takes(x: torch.Tensor, cache_k: torch.Tensor, plan) -> bool:
     """Whether the kernel may take x (B, T, dim) with this cache (one layer's) and plan at all."""
-    return (plan.last is not None and x.device.type == "cpu" and x.dtype == torch.float32
+    return (plan.last is not None and x.device.type == "cpu" and x.dtype in ACTIVATIONS
             and native.takes(x.shape[0] * x.shape[1], x.shape[-1], x.device)
             and cache_k.dtype in native.ATTENTION_DTYPES and cache_k.stride(-1) == 1 and cache_k.shape[-1] % 16 == 0)
 
@@ -91,7 +95,7 @@ def step(layers: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     if not takes(x, cache_k[0], plan):
         return None
     tensors = layers.get()
-    if tensors is None:
+    if tensors is None or tensors[0].dtype != x.dtype:  # norms of the activations' dtype
         return None
     bsz, seqlen, _ = x.shape
     if (plan.rows.start, plan.rows.stop) != (0, cache_k[0].shape[0]):

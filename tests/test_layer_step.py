@@ -21,9 +21,9 @@ def model_dir(tmp_path_factory):
                             vocab_size=512, seed=5)
 
 
-def build(model_dir, quantize=None, group_size=None):
+def build(model_dir, quantize=None, group_size=None, dtype="float32"):
     return Llama.build(str(model_dir), str(model_dir / "tokenizer.model"), max_seq_len=64, max_batch_size=4,
-                       device="cpu", dtype="float32", quantize=quantize, group_size=group_size)
+                       device="cpu", dtype=dtype, quantize=quantize, group_size=group_size)
 
 
 def blocks_only(monkeypatch):
@@ -53,17 +53,21 @@ CASES = {  # (tokens, start_pos): one token, rows at their own positions, a veri
 
 @NEEDS
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("precision", ["float32", "int8", "int4"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8", "int4"])
 def test_native_step_computes_what_the_blocks_compute(model_dir, monkeypatch, precision, case):
     """Same hidden states and caches as the blocks, within float32 rounding. Both paths run the
     same products (the project's matrix-vector kernels); they differ in the order of float32
     operations in the norms, rotations, activation and residuals (a few units of 2**-24 a value),
     and the integer kernels round x to integers of 15-16 bits per block, where such a difference
     can move one integer by one: 2**-15 of a block's largest entry, through 3 layers of a few
-    products each. So float32 weights agree to 1e-5 of the largest value, int8 and int4 to 1e-3."""
+    products each. So float32 weights agree to 1e-5 of the largest value, int8 and int4 to 1e-3.
+    A bfloat16 model rounds each operator's result to bfloat16 on both paths, where such a
+    difference can move a value by one bfloat16 step (2**-8 of it); a few such steps through 3
+    layers: 2**-6 of the largest value."""
     tokens, start_pos = CASES[case]
-    model = build(model_dir, quantize=None if precision == "float32" else precision,
-                  group_size=32 if precision == "int4" else None).model
+    quantized = precision in ("int8", "int4")
+    model = build(model_dir, quantize=precision if quantized else None, group_size=32 if precision == "int4" else None,
+                  dtype="bfloat16" if precision == "bfloat16" else "float32").model
     called = []
     real = layer_step.step
     monkeypatch.setattr(layer_step, "step", lambda *args: called.append(1) or real(*args))
@@ -71,7 +75,8 @@ def test_native_step_computes_what_the_blocks_compute(model_dir, monkeypatch, pr
     assert called and real(model.layer_weights, *native_inputs(model, tokens, start_pos)) is not None
     blocks_only(monkeypatch)
     want, want_cache = one_pass(model, tokens, start_pos)
-    tol = 1e-5 if precision == "float32" else 1e-3
+    tol = {"float32": 1e-5, "bfloat16": 2**-6}.get(precision, 1e-3)
+    assert got.dtype == want.dtype == model.tok_embeddings.weight.dtype
     torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max().item())
     for a, b in zip(got_cache, want_cache):
         torch.testing.assert_close(a, b, rtol=0, atol=tol * max(b.abs().max().item(), 1))
@@ -98,8 +103,8 @@ def test_greedy_answers_are_the_blocks_answers(model_dir, monkeypatch):
 
 @NEEDS
 def test_steps_aside_where_it_does_not_serve(model_dir):
-    """A bfloat16 model (bfloat16 activations), a prompt of more tokens than the kernels take, and
-    a model whose layers' projections are not joined are left to the blocks."""
+    """A float16 model (activations the kernel does not take), a prompt of more tokens than the
+    kernels take, and a model whose layers' projections are not joined are left to the blocks."""
     model = build(model_dir).model
     tokens = torch.tensor([[17]])
     model.reserve_cache(1, 64)
@@ -111,7 +116,7 @@ def test_steps_aside_where_it_does_not_serve(model_dir):
     assert layer_step.step(model.layer_weights, *native_inputs(model, tokens, 0)) is None
     group.join()
     assert layer_step.step(model.layer_weights, *native_inputs(model, tokens, 0)) is not None
-    model.to(torch.bfloat16)
+    model.to(torch.float16)
     model.cache = None
     model.reserve_cache(1, 64)
     h, *rest = native_inputs(model, tokens, 0)
