@@ -514,11 +514,65 @@ ALWAYS_INLINE void row_int4(const XSplit* xi, int64_t K, const uint8_t* wr, cons
     for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(t[j]);
 }
 
+/* Batch 1: rows 0 .. R-1 of an int4 weight (row stride K / 2 bytes, `groups` scales and zeros a
+ * row) times one row of x, side by side: R streams and 4 R dependency chains (row_int4 has 4). */
+ALWAYS_INLINE void rows_int4(const XSplit* xi, int64_t K, const uint8_t* wr, const uint16_t* sr, const uint16_t* zr,
+                             int64_t groups, int gshift, float* y, const int R, int64_t ahead) {
+    const int64_t blocks = K / 32, supers = (blocks + LANES - 1) / LANES;
+    const __m512i nibble = _mm512_set1_epi8(15);
+    const __m512i to_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               gshift - 5);
+    __m512 t[4];
+    for (int r = 0; r < R; r++) t[r] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < supers; s++) {
+        const int64_t m = blocks - s * LANES < LANES ? blocks - s * LANES : LANES;
+        const __mmask64 bytes = m == LANES ? ~(__mmask64)0 : (((__mmask64)1 << (4 * m)) - 1);
+        __m512i ah[4], al[4], bh[4], bl[4];
+        for (int r = 0; r < R; r++) ah[r] = al[r] = bh[r] = bl[r] = _mm512_setzero_si512();
+        for (int p = 0; p < 4; p++) {
+            const int8_t* xv = xi->q + s * 1024 + p * 256;
+            const __m512i x0 = _mm512_load_si512(xv), x1 = _mm512_load_si512(xv + 64);
+            const __m512i x2 = _mm512_load_si512(xv + 128), x3 = _mm512_load_si512(xv + 192);
+            for (int r = 0; r < R; r++) {
+                const uint8_t* ws = wr + r * K / 2 + s * 256 + p * 4 * m;
+                __m512i w = _mm512_maskz_loadu_epi8(bytes, ws);
+                ask(ws + ahead);
+                __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+                ah[r] = _mm512_dpbusd_epi32(ah[r], lo, x0);
+                al[r] = _mm512_dpbusd_epi32(al[r], lo, x1);
+                bh[r] = _mm512_dpbusd_epi32(bh[r], hi, x2);
+                bl[r] = _mm512_dpbusd_epi32(bl[r], hi, x3);
+            }
+        }
+        const int64_t g0 = (s * LANES * 32) >> gshift, n_groups = (m * 32) >> gshift;
+        const __mmask16 gm = (__mmask16)((1u << n_groups) - 1);
+        const __m512 xs = _mm512_loadu_ps(xi->s + s * LANES), xsum = _mm512_loadu_ps(xi->sum + s * LANES);
+        for (int r = 0; r < R; r++) {
+            __m512 sc = load_bf16x16(sr + r * groups + g0, gm), zc = load_bf16x16(zr + r * groups + g0, gm);
+            if (gshift > 5) {
+                sc = _mm512_permutexvar_ps(to_group, sc);
+                zc = _mm512_permutexvar_ps(to_group, zc);
+            }
+            __m512i q = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(ah[r], bh[r]), 8),
+                                         _mm512_add_epi32(al[r], bl[r]));
+            t[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(sc, xs), t[r]);
+            t[r] = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8), sc, zc), xsum, t[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(t[r]);
+}
+
 static void team_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                       const uint16_t* zeros, int64_t G, int64_t N, float* y) {
     const int64_t groups = K / G, supers = (K / 32 + LANES - 1) / LANES, lanes = supers * LANES;
     const int gshift = __builtin_ctzll((unsigned long long)G);
     XSplit xi = to_split_blocks(x, M, K);
+    if (M == 1 && ROWS > 1) {
+        const int64_t ahead = ahead_bytes(K / 2, ROWS);
+#define INT4_ROWS(r) rows_int4(&xi, K, w + n * K / 2, scales + n * groups, zeros + n * groups, groups, gshift, y + n, r, ahead)
+        FOR_ROW_GROUPS(N, INT4_ROWS)
+        return;
+    }
     const int64_t ahead = ahead_bytes(K / 2, 1);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
