@@ -1,18 +1,19 @@
 """The project's own CPU kernels, compiled for this machine on first use: matrix-vector products
-(llama/gemv.c) and attention of a few new tokens over the KV cache (llama/attention.c).
+(llama/gemv.c), attention of a few new tokens over the KV cache (llama/attention.c), and every
+decoder layer of a few new tokens in one parallel region (llama/layer.c), sharing kernels.h.
 
 Batch-1 decoding on a CPU is bound by the bytes of weights read per token; PyTorch's products for a
 few rows read them at about half the machine's bandwidth (BENCHMARKS.md). gemv.c reads them at
 about the bandwidth, for float32, bfloat16, int8 and int4 weights. The C files and llama/ops.cpp,
-which makes them the PyTorch operators `llama::gemv` and `llama::attend` (called from C++ by eager
-code and by torch.compile's generated code alike), are built once per machine and source (`cc -O3
--march=native -fopenmp`, then `c++` against PyTorch's headers: about ten seconds) into a cache
-folder (`$LLAMA_NATIVE_CACHE`, default `~/.cache/codellama/native`).
+which makes them the PyTorch operators `llama::gemv`, `llama::attend` and `llama::decode_layers`
+(called from C++ by eager code and by torch.compile's generated code alike), are built once per
+machine and source (`cc -O3 -march=native -fopenmp`, then `c++` against PyTorch's headers: about
+ten seconds) into a cache folder (`$LLAMA_NATIVE_CACHE`, default `~/.cache/codellama/native`).
 
 Where they cannot serve (no C or C++ compiler, a CPU without AVX-512 VNNI: they need Intel Cascade
 Lake, Ice Lake or Sapphire Rapids, AMD Zen 4 or later; `LLAMA_NATIVE=0`), `kernels()` is None and
-PyTorch's kernels are used (llama/kernels.py, llama/attention.py): the answers are the same up to
-rounding. `why_not()` says which.
+PyTorch's kernels are used (llama/kernels.py, llama/attention.py; the model's blocks as written,
+llama/layer_step.py): the answers are the same up to rounding. `why_not()` says which.
 """
 
 import ctypes
@@ -130,7 +131,7 @@ def compile_library(path: Path) -> str:
 @functools.lru_cache(maxsize=None)
 def build() -> "tuple[Optional[ctypes.CDLL], str]":
     """(the compiled library, "") or (None, why not). Compiled once per machine and source; loading
-    it registers llama::gemv and llama::attend for the CPU."""
+    it registers llama::gemv, llama::attend and llama::decode_layers for the CPU."""
     if os.environ.get("LLAMA_NATIVE", "1") == "0":
         return None, "LLAMA_NATIVE=0"
     sources = b"".join(src.read_bytes() for src in C_SOURCES + [HEADER, CPP_SOURCE])
