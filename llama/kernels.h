@@ -51,14 +51,15 @@ typedef struct {
     Weight qkv, wo, w13, w2;
 } Layer;
 
-/* h (B * T, dim) float32 after n_layers layers, for T new tokens of each of B rows, layer i
- * reading and writing the KV caches k[i] and v[i] (layer.c says how); `rounded`: a bfloat16 model
- * (activations rounded to bfloat16 as its tensors are, bfloat16 norms); `work` holds
+/* h (B * T, dim) float32 after n_layers layers and the final norm (its weight final_norm), for T
+ * new tokens of each of B rows at positions `last` (B, T), layer i reading and writing the KV
+ * caches k[i] and v[i] (layer.c says how); theta: the rotary angles' base; `rounded`: a bfloat16
+ * model (activations rounded to bfloat16 as its tensors are, bfloat16 norms); `work` holds
  * layers_work(...) floats, for a team of up to `threads`. */
 int64_t layers_work(const Layer* layers, int64_t n_layers, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D,
                     int threads);
-void decode_layers(float* h, const Layer* layers, int64_t n_layers, int64_t B, int64_t T, int64_t H, int64_t Hkv,
-                   int64_t D, const float* cos, const float* sin, void* const* k, void* const* v, int bf16, int64_t S,
+void decode_layers(float* h, const Layer* layers, int64_t n_layers, const void* final_norm, double theta, int64_t B,
+                   int64_t T, int64_t H, int64_t Hkv, int64_t D, void* const* k, void* const* v, int bf16, int64_t S,
                    int64_t sb, int64_t sh, int64_t ss, const int64_t* last, int rounded, float* work, int threads);
 
 void dequantize_int4(const uint8_t* w, const uint16_t* scales, const uint16_t* zeros, int64_t G, int64_t N, int64_t K,

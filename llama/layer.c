@@ -21,10 +21,10 @@
  * the residuals and norms need no waiting; the products' outputs are shared. Layer i reads and
  * writes the caches k[i] and v[i], all laid out alike.
  *
- * Layouts: h (B * T, dim), row b * T + t the token t of row b; cos and sin (B * T, D / 2) of each
- * token's rotary angles; caches as attention.c's (element strides sb, sh, ss of row, head,
+ * Layouts: h (B * T, dim), row b * T + t the token t of row b; caches as attention.c's (element strides sb, sh, ss of row, head,
  * position; S positions); last (B, T) int64: each token's position, where it is written and the
- * last it sees.
+ * last it sees, and the rotary angles' (theta the model's rope_theta). After the last layer h is
+ * normalised by the model's final norm.
  */
 #include <math.h>
 #include <omp.h>
@@ -125,6 +125,9 @@ static int64_t shared_work(const Layer* L, int64_t B, int64_t T, int64_t H, int6
            + lines(attend_work(B, T, H, Hkv, D, threads));
 }
 
+/* Each thread's own work memory: its h and x (M, dim), its cos and sin (M, D / 2). */
+static int64_t own_work(int64_t M, int64_t dim, int64_t D) { return 2 * lines(M * dim) + 2 * lines(M * D / 2); }
+
 int64_t layers_work(const Layer* layers, int64_t n_layers, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D,
                     int threads) {
     int64_t most = 0;
@@ -132,7 +135,20 @@ int64_t layers_work(const Layer* layers, int64_t n_layers, int64_t B, int64_t T,
         const int64_t w = shared_work(&layers[i], B, T, H, Hkv, D, threads);
         most = w > most ? w : most;
     }
-    return most + threads * 2 * lines(B * T * layers[0].wo.n);  /* and each thread's h and x */
+    return most + threads * own_work(B * T, layers[0].wo.n, D);
+}
+
+/* cos and sin (M, D / 2) of the rotary angles of each token's position: position / theta^(2i / D),
+ * computed in double precision (as llama/model.py's rotary_cos_sin, which see), then rounded to float32. */
+static void rotary(const int64_t* positions, int64_t M, int64_t D, double theta, float* cos_out, float* sin_out) {
+    for (int64_t i = 0; i < D / 2; i++) {
+        const double inv_freq = 1.0 / pow(theta, (double)(2 * i) / (double)D);
+        for (int64_t m = 0; m < M; m++) {
+            const double angle = (double)positions[m] * inv_freq;
+            cos_out[m * D / 2 + i] = (float)cos(angle);
+            sin_out[m * D / 2 + i] = (float)sin(angle);
+        }
+    }
 }
 
 /* Layer L of h's tokens, run by each thread of the team: hp and x are the thread's own. */
@@ -185,20 +201,24 @@ static void layer_team(const Layer* L, float* hp, float* x, int64_t B, int64_t T
     add(hp, o, M * dim, rounded);
 }
 
-void decode_layers(float* h, const Layer* layers, int64_t n_layers, int64_t B, int64_t T, int64_t H, int64_t Hkv,
-                   int64_t D, const float* cos, const float* sin, void* const* k, void* const* v, int bf16, int64_t S,
+void decode_layers(float* h, const Layer* layers, int64_t n_layers, const void* final_norm, double theta, int64_t B,
+                   int64_t T, int64_t H, int64_t Hkv, int64_t D, void* const* k, void* const* v, int bf16, int64_t S,
                    int64_t sb, int64_t sh, int64_t ss, const int64_t* last, int rounded, float* work, int threads) {
     const int64_t M = B * T, dim = layers[0].wo.n;
-    float* own = work + layers_work(layers, n_layers, B, T, H, Hkv, D, threads) - threads * 2 * lines(M * dim);
+    float* own = work + layers_work(layers, n_layers, B, T, H, Hkv, D, threads) - threads * own_work(M, dim, D);
 #pragma omp parallel num_threads(threads)
     {
-        float* hp = own + omp_get_thread_num() * 2 * lines(M * dim);  /* this thread's h and x */
+        float* hp = own + omp_get_thread_num() * own_work(M, dim, D);  /* this thread's h, x, cos and sin */
+        float* x = hp + lines(M * dim);
+        float* cos = x + lines(M * dim);
+        float* sin = cos + lines(M * D / 2);
         memcpy(hp, h, (size_t)(M * dim) * sizeof(float));
+        rotary(last, M, D, theta, cos, sin);
         for (int64_t i = 0; i < n_layers; i++)
-            layer_team(&layers[i], hp, hp + lines(M * dim), B, T, H, Hkv, D, cos, sin, k[i], v[i], bf16, S, sb, sh, ss,
-                       last, work, rounded);
+            layer_team(&layers[i], hp, x, B, T, H, Hkv, D, cos, sin, k[i], v[i], bf16, S, sb, sh, ss, last, work,
+                       rounded);
 #pragma omp single nowait
-        memcpy(h, hp, (size_t)(M * dim) * sizeof(float));
+        rms_norm(hp, final_norm, M, dim, layers[0].eps, h, rounded);
     }
 }
 

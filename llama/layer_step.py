@@ -1,11 +1,12 @@
 """The decoder layers' step for a few new tokens as one call of the project's kernel
-(llama/layer.c), where it serves; Transformer.hidden asks `takes` first.
+(llama/layer.c), where it serves: Transformer.hidden tries `step` first.
 
 Decoding a token is some 15 operators a layer: four products, two norms, two rotations, the cache
 writes, attention, the activation and two residuals. On the CPU each is a few microseconds of work,
 so the time goes between them: Python's dispatch (eager), and threads started and joined for each
-(eager and compiled alike). llama::decode_layers runs every layer, the same math in float32, on one
-team of threads that only wait for one another where a product's result is needed whole.
+(eager and compiled alike). llama::decode_layers runs every layer and the final norm, the same math
+in float32 (the rotary angles of each token's position too, as rotary_cos_sin computes them), on
+one team of threads that only wait for one another where a product's result is needed whole.
 
 It serves where the layers are exactly what layer.c computes on what it reads: the CPU with the
 project's kernels, float32 or bfloat16 activations (norms of that dtype; bfloat16 results rounded as
@@ -40,9 +41,10 @@ def parts(weight: Union[torch.Tensor, QuantizedWeight, None]) -> Optional[List[t
     return [weight] if native.float_kind(weight, 0) is not None else None
 
 
-def weights(layers) -> Optional[List[torch.Tensor]]:
-    """Every layer's norms' weights, then every layer's projections (qkv, wo, w13, w2) as `parts`,
-    as llama::decode_layers takes them; None where some layer is not what it computes."""
+def weights(layers, final_norm) -> Optional[List[torch.Tensor]]:
+    """Every layer's norms' weights and the final norm's, then every layer's projections (qkv, wo,
+    w13, w2) as `parts`, as llama::decode_layers takes them; None where some layer is not what it
+    computes."""
     norms, projections = [], []
     for layer in layers:
         attention, ffn = layer.attention, layer.feed_forward
@@ -58,17 +60,20 @@ def weights(layers) -> Optional[List[torch.Tensor]]:
             if p is None:
                 return None
             projections += p
-    return norms + projections
+    first = layers[0].attention_norm
+    if (final_norm.weight.dtype, final_norm.eps) != (first.weight.dtype, first.eps):
+        return None
+    return norms + [final_norm.weight] + projections
 
 
 class LayerWeights:
-    """`weights(layers)`, gathered once (walking the modules costs ~0.1 ms a step) and again when a
+    """`weights(layers, final_norm)`, gathered once (walking the modules costs ~0.1 ms a step) and again when a
     layer's joined weights change: whatever replaces or converts a projection's weight rejoins the
     layer's SharedInputs (Llama.build, quantize_model) or converts their joined float weights with it
     (model.to), which makes new joined weights; the norms' Parameters stay the same objects."""
 
-    def __init__(self, layers):
-        self.layers = layers
+    def __init__(self, layers, final_norm):
+        self.layers, self.final_norm = layers, final_norm
         self.groups = [group for layer in layers for group in (layer.attention.wqkv, layer.feed_forward.w13)]
         self.joined: Optional[list] = None  # the groups' joined weights when gathered
         self.tensors: Optional[List[torch.Tensor]] = None
@@ -76,7 +81,7 @@ class LayerWeights:
     def get(self) -> Optional[List[torch.Tensor]]:
         joined = [group.joined() for group in self.groups]
         if self.joined is None or any(a is not b for a, b in zip(joined, self.joined)):
-            self.joined, self.tensors = joined, weights(self.layers)
+            self.joined, self.tensors = joined, weights(self.layers, self.final_norm)
         return self.tensors
 
 
@@ -87,21 +92,20 @@ def takes(x: torch.Tensor, cache_k: torch.Tensor, plan) -> bool:
             and cache_k.dtype in native.ATTENTION_DTYPES and cache_k.stride(-1) == 1 and cache_k.shape[-1] % 16 == 0)
 
 
-def step(layers: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: List[torch.Tensor],
+def step(layers: LayerWeights, x: torch.Tensor, rope_theta: float, cache_k: List[torch.Tensor],
          cache_v: List[torch.Tensor], plan) -> Optional[torch.Tensor]:
-    """x (B, T, dim) after the TransformerBlocks of `layers`, the tokens' keys and values written into
-    each layer's cache (cache_k[i], cache_v[i]); None (nothing done) where the kernel does not serve.
-    cos, sin: (B or 1, T, D / 2)."""
+    """x (B, T, dim) after the TransformerBlocks of `layers` and the final norm, the tokens' keys and
+    values written into each layer's cache (cache_k[i], cache_v[i]); None (nothing done) where the
+    kernel does not serve. rope_theta: the rotary angles' base (ModelArgs.rope_theta)."""
     if not takes(x, cache_k[0], plan):
         return None
     tensors = layers.get()
     if tensors is None or tensors[0].dtype != x.dtype:  # norms of the activations' dtype
         return None
-    bsz, seqlen, _ = x.shape
     if (plan.rows.start, plan.rows.stop) != (0, cache_k[0].shape[0]):
         cache_k, cache_v = [c[plan.rows] for c in cache_k], [c[plan.rows] for c in cache_v]
-    n = 2 * len(layers.layers)
+    n = 2 * len(layers.layers) + 1
     first = layers.layers[0]
-    cos, sin = (t.expand(bsz, seqlen, -1).contiguous() for t in (cos, sin))
-    return torch.ops.llama.decode_layers(x.contiguous(), tensors[:n], first.attention_norm.eps, tensors[n:], cos, sin,
-                                         cache_k, cache_v, plan.last.contiguous(), first.attention.n_local_heads)
+    return torch.ops.llama.decode_layers(x.contiguous(), tensors[:n], first.attention_norm.eps, tensors[n:],
+                                         float(rope_theta), cache_k, cache_v, plan.last.contiguous(),
+                                         first.attention.n_local_heads)

@@ -283,8 +283,8 @@ class Transformer(nn.Module):
         self.n_layers = params.n_layers
         self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
-        self.layer_weights = layer_step.LayerWeights(self.layers)  # as the native step takes them
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.layer_weights = layer_step.LayerWeights(self.layers, self.norm)  # as the native step takes them
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
         self.cache: Optional[KVCache] = None  # made on first use, on the weights' device
 
@@ -343,16 +343,16 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         rows = slice(0, bsz) if rows is None else rows
         plan = attention_plan(start_pos, seqlen, rows, tokens.device, kv_len)
+        h = self.tok_embeddings(tokens)
+        # a few tokens on the CPU: every layer's same math, and the final norm, in one native call, where it serves
+        stepped = layer_step.step(self.layer_weights, h, self.params.rope_theta, self.cache.k, self.cache.v, plan)
+        if stepped is not None:
+            return stepped
         if plan.positions is None:
             positions = torch.arange(plan.start, plan.start + seqlen, device=tokens.device)[None]
         else:
             positions = plan.positions
         cos, sin = rotary_cos_sin(positions, self.params.head_dim, self.params.rope_theta)
-        h = self.tok_embeddings(tokens)
-        # a few tokens on the CPU: every layer's same math in one native call, where it serves
-        stepped = layer_step.step(self.layer_weights, h, cos, sin, self.cache.k, self.cache.v, plan)
-        if stepped is not None:
-            return self.norm(stepped)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, self.cache.k[i], self.cache.v[i], plan)
         return self.norm(h)

@@ -46,7 +46,7 @@ INT4_LANES = 16  # blocks of 32 columns in one of the int4 layout's superblocks 
 OPERATORS = torch.library.Library("llama", "DEF")
 OPERATORS.define("gemv(Tensor x, str kind, Tensor data, Tensor? scales, Tensor? zeros, int group_size, int n) -> Tensor")
 OPERATORS.define("attend(Tensor q, Tensor keys, Tensor values, Tensor last) -> Tensor")
-OPERATORS.define("decode_layers(Tensor h, Tensor[] norms, float eps, Tensor[] weights, Tensor cos, Tensor sin, "
+OPERATORS.define("decode_layers(Tensor h, Tensor[] norms, float eps, Tensor[] weights, float rope_theta, "
                  "Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, Tensor last, int n_heads) -> Tensor")
 
 
@@ -61,7 +61,7 @@ def _(q, keys, values, last):
 
 
 @torch.library.register_fake("llama::decode_layers")
-def _(h, norms, eps, weights, cos, sin, cache_k, cache_v, last, n_heads):
+def _(h, norms, eps, weights, rope_theta, cache_k, cache_v, last, n_heads):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 

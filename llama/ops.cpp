@@ -91,31 +91,31 @@ at::Tensor attend_op(const at::Tensor& q, const at::Tensor& keys, const at::Tens
     return out;
 }
 
-/* h (B, T, dim) after the decoder layers (layer.c), float32, or bfloat16 for a bfloat16 model (norms
- * of h's dtype; each operator's result rounded as the model's bfloat16 tensors are), writing the new tokens' keys and values
- * into cache_k[i] and cache_v[i] ((B, Hkv, S, D) views of the caches' rows, all laid out alike) for
- * layer i: its norms' weights norms[2i] (attention) and norms[2i + 1] (feed-forward), its weights
- * qkv, wo, w13 and w2 in turn in `weights` (see next_weight); cos and sin (B, T, D / 2); last (B, T)
- * int64 each token's position. */
+/* h (B, T, dim) after the decoder layers and the final norm (layer.c), float32, or bfloat16 for a
+ * bfloat16 model (norms of h's dtype; each operator's result rounded as the model's bfloat16
+ * tensors are), writing the new tokens' keys and values into cache_k[i] and cache_v[i] ((B, Hkv,
+ * S, D) views of the caches' rows, all laid out alike) for layer i: its norms' weights norms[2i]
+ * (attention) and norms[2i + 1] (feed-forward), the final norm's last; its weights qkv, wo, w13
+ * and w2 in turn in `weights` (see next_weight); last (B, T) int64 each token's position;
+ * rope_theta the rotary angles' base. */
 at::Tensor decode_layers_op(const at::Tensor& h, at::TensorList norms, double eps, at::TensorList weights,
-                            const at::Tensor& cos, const at::Tensor& sin, at::TensorList cache_k, at::TensorList cache_v,
-                            const at::Tensor& last, int64_t n_heads) {
+                            double rope_theta, at::TensorList cache_k, at::TensorList cache_v, const at::Tensor& last,
+                            int64_t n_heads) {
     const size_t n_layers = cache_k.size();
     TORCH_CHECK(h.dim() == 3 && (h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16),
                 "llama::decode_layers takes h as float32 or bfloat16 (B, T, dim)");
     const bool rounded = h.scalar_type() == at::kBFloat16;
-    TORCH_CHECK(n_layers > 0 && cache_v.size() == n_layers && norms.size() == 2 * n_layers,
-                "llama::decode_layers takes a key cache, a value cache and two norms a layer");
-    TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.scalar_type() == at::kFloat &&
-                sin.is_contiguous(), "llama::decode_layers takes cos and sin as contiguous float32");
-    TORCH_CHECK(last.scalar_type() == at::kLong && last.is_contiguous(), "llama::decode_layers takes last as contiguous int64");
+    TORCH_CHECK(n_layers > 0 && cache_v.size() == n_layers && norms.size() == 2 * n_layers + 1,
+                "llama::decode_layers takes a key cache, a value cache and two norms a layer, and the final norm");
+    TORCH_CHECK(last.scalar_type() == at::kLong && last.is_contiguous() && last.numel() == h.size(0) * h.size(1),
+                "llama::decode_layers takes last as contiguous int64 (B, T)");
+    for (const at::Tensor& norm : norms)
+        TORCH_CHECK(norm.scalar_type() == h.scalar_type() && norm.is_contiguous() && norm.numel() == h.size(2),
+                    "llama::decode_layers takes the norms' weights contiguous, in h's dtype");
     std::vector<Layer> layers(n_layers);
     std::vector<void*> k(n_layers), v(n_layers);
     size_t at = 0;
     for (size_t i = 0; i < n_layers; i++) {
-        for (const at::Tensor& norm : {norms[2 * i], norms[2 * i + 1]})
-            TORCH_CHECK(norm.scalar_type() == h.scalar_type() && norm.is_contiguous(),
-                        "llama::decode_layers takes the norms' weights contiguous, in h's dtype");
         for (const at::Tensor& c : {cache_k[i], cache_v[i]})
             TORCH_CHECK(c.strides() == cache_k[0].strides() && c.sizes() == cache_k[0].sizes() &&
                         c.scalar_type() == cache_k[0].scalar_type(), "llama::decode_layers takes caches laid out alike");
@@ -133,8 +133,8 @@ at::Tensor decode_layers_op(const at::Tensor& h, at::TensorList norms, double ep
     const int threads = at::get_num_threads();
     at::Tensor out = h.to(at::kFloat).contiguous().clone();
     at::Tensor work = at::empty({layers_work(layers.data(), n_layers, B, T, n_heads, Hkv, D, threads)}, out.options());
-    decode_layers(out.data_ptr<float>(), layers.data(), n_layers, B, T, n_heads, Hkv, D, cos.data_ptr<float>(),
-                  sin.data_ptr<float>(), k.data(), v.data(), c.scalar_type() == at::kBFloat16, c.size(2), c.stride(0),
+    decode_layers(out.data_ptr<float>(), layers.data(), n_layers, norms[2 * n_layers].data_ptr(), rope_theta, B, T,
+                  n_heads, Hkv, D, k.data(), v.data(), c.scalar_type() == at::kBFloat16, c.size(2), c.stride(0),
                   c.stride(1), c.stride(2), last.data_ptr<int64_t>(), rounded, work.data_ptr<float>(), threads);
     return out.to(h.scalar_type());
 }
