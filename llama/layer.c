@@ -21,10 +21,12 @@
  * the residuals and norms need no waiting; the products' outputs are shared. Layer i reads and
  * writes the caches k[i] and v[i], all laid out alike.
  *
- * Layouts: h (B * T, dim), row b * T + t the token t of row b; caches as attention.c's (element strides sb, sh, ss of row, head,
- * position; S positions); last (B, T) int64: each token's position, where it is written and the
- * last it sees, and the rotary angles' (theta the model's rope_theta). After the last layer h is
- * normalised by the model's final norm.
+ * After the last layer, h is normalised by the model's final norm. The rotary angles are computed
+ * here, from each token's position (theta: the model's rope_theta).
+ *
+ * Layouts: h (B * T, dim), row b * T + t the token t of row b; caches as attention.c's (element
+ * strides sb, sh, ss of row, head, position; S positions); last (B, T) int64: each token's
+ * position, where it is written and the last it sees.
  */
 #include <math.h>
 #include <omp.h>

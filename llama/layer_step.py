@@ -45,32 +45,32 @@ def weights(layers, final_norm) -> Optional[List[torch.Tensor]]:
     """Every layer's norms' weights and the final norm's, then every layer's projections (qkv, wo,
     w13, w2) as `parts`, as llama::decode_layers takes them; None where some layer is not what it
     computes."""
+    first = layers[0].attention_norm
+    if first.weight.dtype not in ACTIVATIONS:
+        return None
     norms, projections = [], []
     for layer in layers:
         attention, ffn = layer.attention, layer.feed_forward
         if attention.wo.input_size_per_partition != attention.wo.in_features:  # split over ranks
             return None
-        for norm in (layer.attention_norm, layer.ffn_norm):
-            first = layers[0].attention_norm
-            if norm.weight.dtype not in ACTIVATIONS or (norm.weight.dtype, norm.eps) != (first.weight.dtype, first.eps):
-                return None
-            norms.append(norm.weight)
+        norms += [layer.attention_norm, layer.ffn_norm]
         for weight in (attention.wqkv.joined(), attention.wo.weight, ffn.w13.joined(), ffn.w2.weight):
             p = parts(weight)
             if p is None:
                 return None
             projections += p
-    first = layers[0].attention_norm
-    if (final_norm.weight.dtype, final_norm.eps) != (first.weight.dtype, first.eps):
+    norms.append(final_norm)
+    if any((norm.weight.dtype, norm.eps) != (first.weight.dtype, first.eps) for norm in norms):  # one dtype, one eps
         return None
-    return norms + [final_norm.weight] + projections
+    return [norm.weight for norm in norms] + projections
 
 
 class LayerWeights:
-    """`weights(layers, final_norm)`, gathered once (walking the modules costs ~0.1 ms a step) and again when a
-    layer's joined weights change: whatever replaces or converts a projection's weight rejoins the
-    layer's SharedInputs (Llama.build, quantize_model) or converts their joined float weights with it
-    (model.to), which makes new joined weights; the norms' Parameters stay the same objects."""
+    """`weights(layers, final_norm)`, gathered once (walking the modules costs ~0.1 ms a step) and
+    again when a layer's joined weights change: whatever replaces or converts a projection's weight
+    rejoins the layer's SharedInputs (Llama.build, quantize_model) or converts their joined float
+    weights with it (model.to), which makes new joined weights; the norms' Parameters stay the same
+    objects."""
 
     def __init__(self, layers, final_norm):
         self.layers, self.final_norm = layers, final_norm

@@ -128,8 +128,15 @@ at::Tensor decode_layers_op(const at::Tensor& h, at::TensorList norms, double ep
         layers[i].w2 = next_weight(weights, at);
         k[i] = cache_k[i].data_ptr(), v[i] = cache_v[i].data_ptr();
     }
+    TORCH_CHECK(at == weights.size(), "llama::decode_layers: more weights than four a layer");
     const at::Tensor& c = cache_k[0];
-    const int64_t B = h.size(0), T = h.size(1), Hkv = c.size(1), D = c.size(3);
+    const int64_t B = h.size(0), T = h.size(1), Hkv = c.size(1), D = c.size(3), dim = h.size(2);
+    TORCH_CHECK(c.size(0) == B && n_heads % Hkv == 0 && D % 16 == 0 && c.stride(3) == 1,
+                "llama::decode_layers takes caches of B rows, KV heads dividing n_heads, D a multiple of 16");
+    for (const Layer& L : layers)
+        TORCH_CHECK(L.qkv.n == (n_heads + 2 * Hkv) * D && L.qkv.k == dim && L.wo.n == dim && L.wo.k == n_heads * D &&
+                    L.w13.k == dim && L.w13.n == 2 * L.w2.k && L.w2.n == dim,
+                    "llama::decode_layers: a layer's weights do not match h, the heads and the caches");
     const int threads = at::get_num_threads();
     at::Tensor out = h.to(at::kFloat).contiguous().clone();
     at::Tensor work = at::empty({layers_work(layers.data(), n_layers, B, T, n_heads, Hkv, D, threads)}, out.options());
