@@ -201,8 +201,8 @@ static int64_t splits_for(int64_t B, int64_t Hkv, int64_t span, int team) {
 }
 
 int64_t attend_work(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int team) {
-    const int64_t splits = (2 * team + B * Hkv - 1) / (B * Hkv);  /* splits_for's most */
-    return B * Hkv * (splits < 1 ? 1 : splits) * (H / Hkv) * T * (D + 2);
+    const int64_t splits = splits_for(B, Hkv, INT64_MAX / 2, team);  /* the most, on the longest span */
+    return B * Hkv * splits * (H / Hkv) * T * (D + 2);  /* m and l a query a unit, and its D sums */
 }
 
 void attend_team(const float* q, int64_t B, int64_t T, int64_t H, int64_t D, const void* k, const void* v, int bf16,

@@ -95,10 +95,11 @@ class CompiledDecode:
         # On the CPU a decode step is a few milliseconds, so its overhead counts: the step's wrapper
         # runs as C++ (not Python) and does not check every weight's size and stride on every call
         # (the shapes here are fixed by construction). Measured on the int8 study model: 10.2 -> 7.7
-        # ms a token. And the step's own small loops (norms, rotations, residuals, the cache writes:
-        # a few thousand values each) run on one thread: handing each to the thread pool cost more
-        # than it saved (Inductor splits a loop of 512 values a thread; measured on the int4 study
-        # model, 2 threads: 4.2 -> 3.8 ms a token).
+        # ms a token. And the step's own small loops (the embedding; norms, rotations, residuals and
+        # cache writes where the blocks run rather than llama/layer_step.py's native call: a few
+        # thousand values each) run on one thread: handing each to the thread pool cost more than it
+        # saved (Inductor splits a loop of 512 values a thread; measured on the int4 study model, 2
+        # threads, before the native call: 4.2 -> 3.8 ms a token).
         options = {"guard_filter_fn": guards_on_inputs}
         if not cuda:
             options.update({"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False,
