@@ -231,7 +231,6 @@ ALWAYS_INLINE void team_float(const float* x, int64_t M, int64_t K, const void* 
     FOR_BLOCKS(N, M, FLOAT)
 }
 
-
 #ifdef __AVX512BF16__
 /* x (M, K) float32 -> bfloat16, 32 values a vector (rounded to nearest even, as PyTorch rounds). */
 static __m512bh* to_bf16(const float* x, int64_t M, int64_t K) {
@@ -458,6 +457,33 @@ static XSplit to_split_blocks(const float* x, int64_t M, int64_t K) {
     return r;
 }
 
+/* Superblock s (m blocks) of a row's scales and zeros sr, zr, a lane (block) each: its scales, and
+ * cz = zero - 8 scale. */
+ALWAYS_INLINE void super_scales(const uint16_t* sr, const uint16_t* zr, int64_t s, int64_t m, int gshift, __m512* sc,
+                                __m512* cz) {
+    const __m512i to_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               gshift - 5);  /* lane -> its group within the superblock */
+    const int64_t g0 = (s * LANES * 32) >> gshift, groups = (m * 32) >> gshift;
+    const __mmask16 gm = (__mmask16)((1u << groups) - 1);
+    __m512 scale = load_bf16x16(sr + g0, gm), zero = load_bf16x16(zr + g0, gm);
+    if (gshift > 5) {
+        scale = _mm512_permutexvar_ps(to_group, scale);
+        zero = _mm512_permutexvar_ps(to_group, zero);
+    }
+    *sc = scale;
+    *cz = _mm512_fnmadd_ps(_mm512_set1_ps(8), scale, zero);
+}
+
+/* t plus a superblock's products of one row of W and one row of x: per block, scale * (x's scale *
+ * q) + cz * (x's block sum), q = 256 (ah + bh) + (al + bl), the sums of the high and low bytes of
+ * x against the low and high halves of the weights' bytes. */
+ALWAYS_INLINE __m512 add_super(__m512 t, __m512i ah, __m512i al, __m512i bh, __m512i bl, __m512 sc, __m512 cz,
+                               const float* xs, const float* xsum) {
+    const __m512i q = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(ah, bh), 8), _mm512_add_epi32(al, bl));
+    t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(sc, _mm512_loadu_ps(xs)), t);
+    return _mm512_fmadd_ps(cz, _mm512_loadu_ps(xsum), t);
+}
+
 /* Row n of an int4 weight: for each row j of the tile, the sum over blocks of
  * scale * (x's scale * sum(q_w q_x)) + (zero - 8 scale) * (x's block sum). Up to 4 rows keep the
  * low and high halves' sums apart (four dependency chains a row). */
@@ -466,8 +492,6 @@ ALWAYS_INLINE void row_int4(const XSplit* xi, int64_t K, const uint8_t* wr, cons
     const int64_t blocks = K / 32, supers = (blocks + LANES - 1) / LANES, lanes = supers * LANES;
     const int four = tile <= 4;
     const __m512i nibble = _mm512_set1_epi8(15);
-    const __m512i to_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               gshift - 5);  /* lane -> its group within the superblock */
     __m512 t[TILE];
     for (int j = 0; j < tile; j++) t[j] = _mm512_setzero_ps();
     for (int64_t s = 0; s < supers; s++) {
@@ -493,23 +517,11 @@ ALWAYS_INLINE void row_int4(const XSplit* xi, int64_t K, const uint8_t* wr, cons
                 }
             }
         }
-        /* the superblock's scales and zeros, a lane (block) each */
-        const int64_t g0 = (s * LANES * 32) >> gshift, groups = (m * 32) >> gshift;
-        const __mmask16 gm = (__mmask16)((1u << groups) - 1);
-        __m512 sc = load_bf16x16(sr + g0, gm), zc = load_bf16x16(zr + g0, gm);
-        if (gshift > 5) {
-            sc = _mm512_permutexvar_ps(to_group, sc);
-            zc = _mm512_permutexvar_ps(to_group, zc);
-        }
-        const __m512 cz = _mm512_fnmadd_ps(_mm512_set1_ps(8), sc, zc);
-        for (int j = 0; j < tile; j++) {
-            const float* xs = xi->s + j * lanes + s * LANES;
-            const float* xsum = xi->sum + j * lanes + s * LANES;
-            __m512i q = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(ah[j], bh[j]), 8),
-                                         _mm512_add_epi32(al[j], bl[j]));
-            t[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(sc, _mm512_loadu_ps(xs)), t[j]);
-            t[j] = _mm512_fmadd_ps(cz, _mm512_loadu_ps(xsum), t[j]);
-        }
+        __m512 sc, cz;
+        super_scales(sr, zr, s, m, gshift, &sc, &cz);
+        for (int j = 0; j < tile; j++)
+            t[j] = add_super(t[j], ah[j], al[j], bh[j], bl[j], sc, cz, xi->s + j * lanes + s * LANES,
+                             xi->sum + j * lanes + s * LANES);
     }
     for (int j = 0; j < tile; j++) y[j * N] = _mm512_reduce_add_ps(t[j]);
 }
@@ -520,8 +532,6 @@ ALWAYS_INLINE void rows_int4(const XSplit* xi, int64_t K, const uint8_t* wr, con
                              int64_t groups, int gshift, float* y, const int R, int64_t ahead) {
     const int64_t blocks = K / 32, supers = (blocks + LANES - 1) / LANES;
     const __m512i nibble = _mm512_set1_epi8(15);
-    const __m512i to_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               gshift - 5);
     __m512 t[4];
     for (int r = 0; r < R; r++) t[r] = _mm512_setzero_ps();
     for (int64_t s = 0; s < supers; s++) {
@@ -544,19 +554,10 @@ ALWAYS_INLINE void rows_int4(const XSplit* xi, int64_t K, const uint8_t* wr, con
                 bl[r] = _mm512_dpbusd_epi32(bl[r], hi, x3);
             }
         }
-        const int64_t g0 = (s * LANES * 32) >> gshift, n_groups = (m * 32) >> gshift;
-        const __mmask16 gm = (__mmask16)((1u << n_groups) - 1);
-        const __m512 xs = _mm512_loadu_ps(xi->s + s * LANES), xsum = _mm512_loadu_ps(xi->sum + s * LANES);
         for (int r = 0; r < R; r++) {
-            __m512 sc = load_bf16x16(sr + r * groups + g0, gm), zc = load_bf16x16(zr + r * groups + g0, gm);
-            if (gshift > 5) {
-                sc = _mm512_permutexvar_ps(to_group, sc);
-                zc = _mm512_permutexvar_ps(to_group, zc);
-            }
-            __m512i q = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(ah[r], bh[r]), 8),
-                                         _mm512_add_epi32(al[r], bl[r]));
-            t[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(sc, xs), t[r]);
-            t[r] = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8), sc, zc), xsum, t[r]);
+            __m512 sc, cz;
+            super_scales(sr + r * groups, zr + r * groups, s, m, gshift, &sc, &cz);
+            t[r] = add_super(t[r], ah[r], al[r], bh[r], bl[r], sc, cz, xi->s + s * LANES, xi->sum + s * LANES);
         }
     }
     for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(t[r]);

@@ -138,7 +138,8 @@ at::Tensor decode_layers_op(const at::Tensor& h, at::TensorList norms, double ep
                     L.w13.k == dim && L.w13.n == 2 * L.w2.k && L.w2.n == dim,
                     "llama::decode_layers: a layer's weights do not match h, the heads and the caches");
     const int threads = at::get_num_threads();
-    at::Tensor out = h.to(at::kFloat).contiguous().clone();
+    at::Tensor out = h.to(h.options().dtype(at::kFloat), /*non_blocking=*/false, /*copy=*/true,
+                          at::MemoryFormat::Contiguous);  // one copy, which the layers overwrite
     at::Tensor work = at::empty({layers_work(layers.data(), n_layers, B, T, n_heads, Hkv, D, threads)}, out.options());
     decode_layers(out.data_ptr<float>(), layers.data(), n_layers, norms[2 * n_layers].data_ptr(), rope_theta, B, T,
                   n_heads, Hkv, D, k.data(), v.data(), c.scalar_type() == at::kBFloat16, c.size(2), c.stride(0),
