@@ -31,9 +31,7 @@
 
 /* 16 values of a cached key or value (float32 or bfloat16) as float32. */
 static inline __m512 load16(const void* base, int64_t i, int bf16) {
-    if (!bf16) return _mm512_loadu_ps((const float*)base + i);
-    __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)base + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return bf16 ? load_bf16x16((const uint16_t*)base + i, 0xFFFF) : _mm512_loadu_ps((const float*)base + i);
 }
 
 typedef struct {

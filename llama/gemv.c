@@ -144,11 +144,6 @@ static void* scratch(int i, size_t bytes) {
     return scratch_held[i].p;
 }
 
-/* 16 bfloat16 values (fewer under mask m; the rest 0) as float32 (exact: the top half of a float32). */
-ALWAYS_INLINE __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
 /* The float kernels, for float32 weights and (without AVX512-BF16) bfloat16 ones: 16 products per
  * fused multiply-add of float32 x. Entries i .. i+15 of the weights as float32. */
 ALWAYS_INLINE __m512 load_w(const void* w, int64_t i, const int bf16) {
@@ -603,9 +598,7 @@ void gemv(const Weight* w, const float* x, int64_t M, float* y, int threads) {
 
 /* 16 float32 values as bfloat16, rounded to nearest even (finite values), stored at o. */
 ALWAYS_INLINE void store_bf16x16(uint16_t* o, __m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    const __m512i u = _mm512_castps_si512(round_bf16(v));
     _mm256_storeu_si256((__m256i*)o, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
 

@@ -69,8 +69,22 @@ void dequantize_int4(const uint8_t* w, const uint16_t* scales, const uint16_t* z
 }
 #endif
 
-#ifdef __AVX512F__  /* the C files, compiled for this CPU (not ops.cpp) */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)  /* the C files' kernels (not ops.cpp) */
 #include <immintrin.h>
+
+/* 16 bfloat16 values (fewer under mask m; the rest 0) as float32 (exact: the top half of a float32). */
+static inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+/* 16 float32 values rounded to bfloat16 (to nearest even, as PyTorch rounds finite values), as
+ * float32: the low 16 bits of each are 0. */
+static inline __m512 round_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000)));
+}
 
 /* exp(x) for x <= 0 (to float32's rounding: range reduction to r in [-ln2/2, ln2/2], a degree-6
  * polynomial, times 2^n); below -87 it is 0 or about 1e-38, which a sum of exps >= 1 ignores. */

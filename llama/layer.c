@@ -37,15 +37,10 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)  /* as gemv.c */
 
-/* v rounded to bfloat16 (to nearest even, as PyTorch rounds finite values) where `rounded`, as float32. */
-static inline __m512 round16(__m512 v, const int rounded) {
-    if (!rounded) return v;
-    __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000)));
-}
+/* v rounded to bfloat16 where `rounded` (kernels.h's round_bf16), as float32. */
+static inline __m512 round16(__m512 v, const int rounded) { return rounded ? round_bf16(v) : v; }
 
+/* The same for one value. */
 static inline float round1(float f, const int rounded) {
     if (!rounded) return f;
     uint32_t u;
@@ -57,9 +52,7 @@ static inline float round1(float f, const int rounded) {
 
 /* 16 entries of a norm's weight: float32, or bfloat16 where `rounded`. */
 static inline __m512 load_norm(const void* w, int64_t i, const int rounded) {
-    if (!rounded) return _mm512_loadu_ps((const float*)w + i);
-    const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)w + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return rounded ? load_bf16x16((const uint16_t*)w + i, 0xFFFF) : _mm512_loadu_ps((const float*)w + i);
 }
 
 /* out (M, dim) = x / sqrt(mean(x^2) + eps) * w, a row at a time (dim % 16 == 0). */
