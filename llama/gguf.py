@@ -106,6 +106,44 @@ def read_params(file: gguf.GGUFReader, path: Path) -> dict:
     }
 
 
+# Types whose every 32 consecutive values of a row lie on a 4-bit grid of their own, value = scale *
+# code + low with code in 0..15: what the int4 scheme holds in groups of 32 (llama.quantization).
+GRID_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K)
+GRID_COLUMNS = 32
+
+
+def four_bit_grids(raw: np.ndarray, qtype: GGMLType) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 (R, K) in 0..15, scale and low float32 (R, K / 32)) of GGUF rows `raw` (R, bytes
+    of whole blocks) of a type in GRID_TYPES: each value is scale * code + low of its group of 32.
+    ggml's blocks (as gguf.quants reads them): Q4_0, 32 values: float16 d, 16 bytes of codes, value
+    d * (code - 8); Q4_1: d, m, 16 bytes, d * code + m; in both the low halves of the bytes are the
+    first 16 values, the high halves the next 16. Q4_K, 256 values: float16 d and dmin, 12 bytes of
+    6-bit scales and mins (8 each), 128 bytes of codes, groups of 32 alternating between the low and
+    high halves of each 32 bytes; value d * scale_i * code - dmin * min_i."""
+    rows = raw.shape[0]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = np.ascontiguousarray(raw).reshape(-1, size)
+
+    def halves(codes: np.ndarray) -> np.ndarray:  # (B, n, 16 or 32) bytes -> (B, n, 2, ..) codes, low half first
+        return np.stack([codes & 0x0F, codes >> 4], axis=2)
+
+    def f16(lo: int) -> np.ndarray:
+        return blocks[:, lo:lo + 2].view(np.float16).astype(np.float32)
+
+    if qtype == GGMLType.Q4_K:
+        sc, mn = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
+        codes = halves(blocks[:, 16:].reshape(len(blocks), 4, 32))
+        scale, low = f16(0) * sc.astype(np.float32), -f16(2) * mn.astype(np.float32)
+    elif qtype == GGMLType.Q4_1:
+        codes, scale, low = halves(blocks[:, 4:][:, None]), f16(0), f16(2)
+    else:
+        codes, scale = halves(blocks[:, 2:][:, None]), f16(0)
+        low = -8 * scale
+    per_row = raw.shape[1] // size * block // GRID_COLUMNS  # groups a row
+    return (torch.from_numpy(codes.reshape(rows, -1)), torch.from_numpy(scale.reshape(rows, per_row)),
+            torch.from_numpy(low.reshape(rows, per_row)))
+
+
 def float_values(raw: np.ndarray, qtype: GGMLType) -> torch.Tensor:
     """The values of GGUF tensor bytes (whole blocks of each row; rows first), in a new tensor."""
     if qtype == GGMLType.F32:
@@ -134,6 +172,10 @@ class GGUFWeightReader:
             why = UNUSED_TENSORS.get(unknown[0], "not part of a Llama model")
             raise ValueError(f"{str(path)!r} holds {len(unknown)} tensor(s) that cannot be loaded, e.g. "
                              f"{unknown[0]} ({why})")
+        projections = [t for k, t in self.tensors.items() if k.startswith("layers.") and k.endswith(".weight")
+                       and len(t.shape) == 2]
+        # The projections stored in 4-bit grids (any of them): int4 in groups of theirs keeps them as they are.
+        self.grid_group = GRID_COLUMNS if any(t.tensor_type in GRID_TYPES for t in projections) else None
         self.tied = "output.weight" not in self.tensors and "tok_embeddings.weight" in self.tensors
         if self.tied:
             self.tensors["output.weight"] = self.tensors["tok_embeddings.weight"]
@@ -182,3 +224,18 @@ class GGUFWeightReader:
             columns = slice(lo, hi)
         values = float_values(raw, tensor.tensor_type)[..., columns]
         return values.to(device=device, dtype=dtype or stored).contiguous()
+
+    def grids(self, key: str) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This rank's part of `key` as the 4-bit grids of 32 columns it is stored in (codes, scale,
+        low: four_bit_grids), or None where it is not stored so (a type outside GRID_TYPES, or a
+        rank's columns that cut through a group)."""
+        tensor = self.tensors[key]
+        dim, lo, hi = shard_bounds(key, self._full_shape(key), self.rank, self.mp_size)
+        if tensor.tensor_type not in GRID_TYPES or (dim == 1 and (lo % GRID_COLUMNS or hi % GRID_COLUMNS)):
+            return None
+        raw = tensor.data.view(np.uint8)
+        codes, scale, low = four_bit_grids(raw[lo:hi] if dim == 0 else raw, tensor.tensor_type)
+        if dim == 1:  # whole rows unpacked (a Q4_K block spans 256 columns), then the rank's columns
+            g = slice(lo // GRID_COLUMNS, hi // GRID_COLUMNS)
+            codes, scale, low = codes[:, lo:hi].contiguous(), scale[:, g].contiguous(), low[:, g].contiguous()
+        return codes, scale, low

@@ -186,6 +186,7 @@ class HFReader:
                 "embedding (tie_word_embeddings is false): the download is incomplete; download the weights again"
             )
         self._handles: Dict[Path, object] = {}
+        self.grid_group = None  # only unquantized weights are read
 
     def describe(self) -> str:
         return ", ".join(sorted({p.name for p in self.files.values()}))
@@ -224,3 +225,7 @@ class HFReader:
             if key.endswith(suffix):
                 t = to_interleaved(t, n_heads // self.mp_size)
         return t.to(device=device, dtype=dtype or t.dtype).contiguous()
+
+    def grids(self, key: str) -> None:
+        """None: no weight is stored on 4-bit grids here (loading.WeightReader)."""
+        return None

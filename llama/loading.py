@@ -25,6 +25,7 @@ from llama.quantization import (
     QuantizedTensors,
     Scheme,
     declared_scheme,
+    from_grids,
     input_widths,
     install,
     is_projection,
@@ -41,6 +42,9 @@ class WeightReader(Protocol):
     gguf.GGUFWeightReader (llama.cpp's)."""
 
     tied: bool  # output.weight is the input embedding, read again (split by rows)
+    # The group size of the 4-bit grids the projections are stored in (a GGUF file's Q4 blocks: 32),
+    # None where they are stored as floats
+    grid_group: Optional[int]
 
     def describe(self) -> str:
         """The files read, for messages and progress bars."""
@@ -64,6 +68,12 @@ class WeightReader(Protocol):
 
     def read(self, key: str, dtype: Optional[torch.dtype] = None, device: torch.device = torch.device("cpu")) -> torch.Tensor:
         """This rank's part of `key` in `dtype` (default: as stored) on `device`."""
+        ...
+
+    def grids(self, key: str) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This rank's part of `key` as the 4-bit grids of `grid_group` columns it is stored in (codes
+        (N, K) in 0..15; scale, low (N, K / grid_group): value = scale * code + low), or None where it
+        is not stored so."""
         ...
 
 
@@ -219,7 +229,7 @@ def load_model(
     if isinstance(reader, ShardReader):
         reader.check_complete(args.dim)
     check_degree(args, mp_size)
-    scheme = resolve_scheme(quantize, group_size, declared, input_widths(args, mp_size), str(source))
+    scheme = resolve_scheme(quantize, group_size, declared, input_widths(args, mp_size), str(source), reader.grid_group)
     problem = scheme and quantized_device_problem(scheme.mode, device)
     if problem:
         raise ValueError(problem)
@@ -285,19 +295,35 @@ def stored_layout(expected: Dict[str, Tuple[int, ...]],
 def read_quantized(reader: WeightReader, key: str, scheme: Scheme, declared: Optional[Scheme],
                    device: torch.device, check_in: Optional[Path]) -> QuantizedTensors:
     """This rank's share of projection `key`, quantized: read as stored when the checkpoint declares
-    the scheme, else quantized from its full-precision slice (read as stored, on `device`).
+    the scheme or stores the weight on the scheme's grids (stored_grids), else quantized from its
+    full-precision slice (read as stored, on `device`).
     check_in: the checkpoint folder, to check that the weight (or its scales) are finite."""
-    if declared is None:
-        weight = reader.read(key, device=device)
-        if check_in is not None:
-            check_finite(key, weight, weight.dtype, check_in)
-        return quantize_shard(key, weight, scheme)
-    names = list(stored_tensors(key, reader.shape(key), scheme))
-    values, scale, *zero = (reader.read(name) for name in names)
+    if declared is not None:
+        names = list(stored_tensors(key, reader.shape(key), scheme))
+        values, scale, *zero = (reader.read(name) for name in names)
+        t = QuantizedTensors(scheme, values, scale, zero[0] if zero else None)
+    else:
+        names = [key] * 3  # the grids' scales and zeros are named as the weight
+        t = stored_grids(reader, key, scheme)
+        if t is None:
+            weight = reader.read(key, device=device)
+            if check_in is not None:
+                check_finite(key, weight, weight.dtype, check_in)
+            return quantize_shard(key, weight, scheme)
     if check_in is not None:
-        for name, t in zip(names[1:], [scale, *zero]):
-            check_finite(name, t, t.dtype, check_in)
-    return QuantizedTensors(scheme, values, scale, zero[0] if zero else None)
+        for name, part in zip(names[1:], (t.scale, t.zero)):
+            if part is not None:
+                check_finite(name, part, part.dtype, check_in)
+    return t
+
+
+def stored_grids(reader: WeightReader, key: str, scheme: Scheme) -> Optional[QuantizedTensors]:
+    """Projection `key` (this rank's share) with its stored 4-bit grids as they are (from_grids),
+    where `scheme` is int4 in groups of theirs and the checkpoint stores it so; else None."""
+    if scheme.mode != "int4" or scheme.group_size != reader.grid_group:
+        return None
+    grids = reader.grids(key)
+    return None if grids is None else from_grids(*grids)
 
 
 def check_finite(key: str, tensor: torch.Tensor, stored: torch.dtype, folder: Path) -> None:

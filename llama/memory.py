@@ -3,7 +3,8 @@
     python -m llama.memory --ckpt_dir CodeLlama-7b/ --max_seq_len 100000 --max_batch_size 1 [--mp 1] [--quantize int8|int4]
 
 The estimate needs only params.json, or a Hugging Face config.json (and tokenizer.model for the
-vocabulary size, else 32016); for a hub id (owner/name) only those files are fetched. A quantized
+vocabulary size, else 32016), or a GGUF file's metadata; for a hub id (owner/name) only those files
+are fetched. A quantized
 checkpoint's params.json says its scheme; --quantize estimates quantizing as it loads.
 """
 
@@ -18,7 +19,8 @@ from llama.checkpoint import read_params
 from llama.cli import reports_user_errors
 from llama.files import read_json
 from llama.hf import read_config
-from llama.loading import model_args
+from llama.gguf import GGUFWeightReader
+from llama.loading import gguf_file, model_args
 from llama.model import ModelArgs
 from llama.prefix_cache import default_budget_bytes
 from llama.quantization import (
@@ -66,16 +68,21 @@ def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtyp
     """Bytes per process of weights, KV cache and working tensors (see main); quantize, group_size:
     as Llama.build takes them."""
     folder = Path(hub.resolve(ckpt_dir, weights=False))  # a hub id: its config and tokenizer only
-    vocab = 32016
+    vocab, grid_group = 32016, None
     if (folder / "tokenizer.model").is_file():
         vocab = Tokenizer(str(folder / "tokenizer.model")).n_words
-    if (folder / "config.json").is_file() and not (folder / "params.json").is_file():  # Hugging Face's layout
+    path = gguf_file(str(folder)) if folder.exists() else None
+    if path is not None:  # llama.cpp's one file: its metadata, and the rows of its embedding
+        reader = GGUFWeightReader(path, 0, 1)
+        params, where, vocab, grid_group = reader.params(), str(path), reader.vocab_rows(), reader.grid_group
+    elif (folder / "config.json").is_file() and not (folder / "params.json").is_file():  # Hugging Face's layout
         params, where = read_config(folder), str(folder / "config.json")
         vocab = read_json(folder / "config.json").get("vocab_size", vocab)
     else:
         params, where = read_params(folder), str(folder / "params.json")
     args = model_args(params, vocab, max_seq_len, max_batch_size, where)
-    scheme = resolve_scheme(quantize, group_size, declared_scheme(params, where), input_widths(args, mp), where)
+    scheme = resolve_scheme(quantize, group_size, declared_scheme(params, where), input_widths(args, mp), where,
+                            grid_group)
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     return {
         "weights": weight_bytes(args, mp, size, scheme),

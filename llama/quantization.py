@@ -11,6 +11,10 @@ Scales and zeros are bfloat16, the kernels' own dtype, and the values are rounde
 scales, each rounded up so that its grid still spans the whole row or group: every weight lies within
 half a step (scale / 2) of its dequantized value.
 
+Weights a GGUF file stores on 4-bit grids of 32 columns (Q4_0, Q4_1, Q4_K) are not quantized again
+for int4 in groups of 32 (the default for such a file): their codes are kept, with the grids' scales
+and zeros rounded to bfloat16 (`from_grids`).
+
 Each model-parallel rank quantizes its own slice. An int4 group never crosses a slice (the group size
 must divide every local input width). The rows of a row-parallel layer (wo, w2) are split over the
 ranks: their int8 scale comes from the whole row (a MAX over the ranks), so a slice quantizes
@@ -110,15 +114,18 @@ def check_groups(group_size: int, widths: Dict[str, int], what: str) -> None:
         )
 
 
-def choose_scheme(quantize: str, group_size: Optional[int], widths: Dict[str, int]) -> Scheme:
+def choose_scheme(quantize: str, group_size: Optional[int], widths: Dict[str, int],
+                  stored_group: Optional[int] = None) -> Scheme:
     """The scheme for `quantize` ("int8" or "int4"): an int4 group size checked against the local
-    input widths, or by default the largest of 128, 64, 32 that divides them all."""
+    input widths, or by default `stored_group` (the group size of the 4-bit grids the checkpoint
+    stores its projections in, a GGUF file's: kept as they are) where it fits, else the largest of
+    128, 64, 32 that divides them all."""
     check_request(quantize, group_size)
     if quantize == "int8":
         return Scheme("int8")
     if group_size is None:
         fits = group_sizes_that_fit(widths)
-        group_size = next((g for g in DEFAULT_GROUP_SIZES if g in fits), DEFAULT_GROUP_SIZES[-1])
+        group_size = next((g for g in (stored_group, *DEFAULT_GROUP_SIZES) if g in fits), DEFAULT_GROUP_SIZES[-1])
     check_groups(group_size, widths, "int4 group size")
     return Scheme("int4", group_size)
 
@@ -151,11 +158,12 @@ def refuse_quantized(params: dict, where: str, what: str) -> None:
 
 
 def resolve_scheme(quantize: Optional[str], group_size: Optional[int], declared: Optional[Scheme],
-                   widths: Dict[str, int], where: str) -> Optional[Scheme]:
+                   widths: Dict[str, int], where: str, stored_group: Optional[int] = None) -> Optional[Scheme]:
     """The scheme a build runs with: the checkpoint's own (`declared`), or `quantize` applied as a
-    full-precision checkpoint loads; None for full precision. `widths`: the local input widths."""
+    full-precision checkpoint loads; None for full precision. `widths`: the local input widths;
+    stored_group: see choose_scheme."""
     if declared is None:
-        return None if quantize is None else choose_scheme(quantize, group_size, widths)
+        return None if quantize is None else choose_scheme(quantize, group_size, widths, stored_group)
     if quantize not in (None, declared.mode) or group_size not in (None, declared.group_size):
         raise ValueError(
             f"{where} declares weights already quantized ({declared.describe()}); build with quantize=None to run "
@@ -230,6 +238,18 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> QuantizedTensors:
     scale = round_up(step.clamp(min=torch.finfo(SCALE_DTYPE).tiny))
     values = ((g - z[..., None]) / scale.float()[..., None]).round().add(8).clamp(0, 15).to(torch.uint8)
     return QuantizedTensors(Scheme("int4", group_size), values.flatten(1), scale, zero)
+
+
+def from_grids(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> QuantizedTensors:
+    """int4 groups of weights stored on 4-bit grids, value = scale * code + low (codes (N, K) in 0..15;
+    scale, low (N, K / G) float32, a GGUF file's Q4_0, Q4_1 or Q4_K blocks): the same codes, the
+    grids' scale and zero (the value of code 8, low + 8 scale) rounded to bfloat16, which moves a
+    weight by at most (8 |scale| + |zero|) 2^-8 (bfloat16 keeps 8 significant bits): a 32nd of a
+    step for Q4_0 (zero 0), a 16th where |zero| <= 8 |scale| (quantizing the values again would move
+    them by up to half a step, onto another grid)."""
+    group_size = codes.shape[1] // scale.shape[1]
+    zero = (low + 8 * scale).to(SCALE_DTYPE)
+    return QuantizedTensors(Scheme("int4", group_size), codes.to(torch.uint8), scale.to(SCALE_DTYPE), zero)
 
 
 def quantize(w: torch.Tensor, scheme: Scheme, absmax: Optional[torch.Tensor] = None) -> QuantizedTensors:
