@@ -8,8 +8,9 @@ the same weights, and the reference's token-by-token prompt algorithm.
 A random checkpoint of the chosen shape is written once (Meta's layout) and loaded by each system;
 transformers gets this package's tensors, renamed. With --model smollm2, SmolLM2-135M-Instruct
 (Q4_1 GGUF, as the tests find it) is loaded by each system from the file: Llama.build on the .gguf
-(its own vocabulary), transformers' from_pretrained(gguf_file=...), both dequantizing to --dtype;
-the prompts are windows of this repository's README.md in the model's own tokens.
+(its own vocabulary), transformers' from_pretrained(gguf_file=...), both dequantizing to --dtype
+(--precisions int4: this package keeps the file's Q4_1 grids), llama.cpp (--llama_cpp) running the
+file as it is; the prompts are windows of this repository's README.md in the model's own tokens.
 Workloads (greedy, fixed token counts so every system does the same work):
 - build: Llama.build / from_pretrained-equivalent load time;
 - prefill: one prompt of --prefill_len tokens (tokens/s);
@@ -207,32 +208,48 @@ class LlamaCpp:
 
     def __init__(self, kind: str, ready: dict, gguf_path: Path):
         self.name, self.build_s, self.tokens = f"llama.cpp, {kind}", None, ready["ragged_tokens"]
-        reader = gguf.GGUFReader(str(gguf_path))  # bytes a decode step reads: all but the embedding table
-        self.weight_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+        reader = gguf.GGUFReader(str(gguf_path))  # bytes a decode step reads: all but the embedding table,
+        tied = "output.weight" not in {t.name for t in reader.tensors}  # which a tied output layer reads whole
+        self.weight_bytes = sum(int(t.n_bytes) for t in reader.tensors if tied or t.name != "token_embd.weight")
+
+
+def layer_type(path: Path) -> str:
+    """The type most of a GGUF file's layer matrices are stored in, e.g. Q4_1."""
+    types = [t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors
+             if t.name.startswith("blk.") and len(t.shape) == 2]
+    return max(set(types), key=types.count)
 
 
 class LlamaCppWorker:
-    """llama.cpp at each of LLAMA_CPP_TYPES, in benchmarks/llama_cpp_worker.py run by the Python that
-    has llama-cpp-python: `ckpt` exported to an F32 GGUF (python -m llama.convert to-gguf), which
-    llama.cpp's quantizer turns into BF16, Q8_0 and Q4_0. Every model stays loaded; `time(workload)`
-    runs a workload once on each, between this package's runs of it, so that both meet the machine
-    in the same state (a shared VM's speed drifts by tens of percent within minutes)."""
+    """llama.cpp in benchmarks/llama_cpp_worker.py, run by the Python that has llama-cpp-python: at
+    each of LLAMA_CPP_TYPES for a checkpoint folder (exported to an F32 GGUF with python -m
+    llama.convert to-gguf, which llama.cpp's quantizer turns into BF16, Q8_0 and Q4_0), or on a GGUF
+    file as it is (SmolLM2's Q4_1: this package's int4 keeps that file's grids, so int4 is its
+    match). `matching`: this package's precision -> the llama.cpp type it is compared with. Every
+    model stays loaded; `time(workload)` runs a workload once on each, between this package's runs
+    of it, so that both meet the machine in the same state (a shared VM's speed drifts by tens of
+    percent within minutes)."""
 
     WORKLOADS = {"prefill": "prefill", "decode_b1_first": "decode_first", "decode_b1": "decode", "ragged": "ragged"}
 
-    def __init__(self, python: str, ckpt: Path, work: Path, workloads: dict, decode_len: int):
-        f32 = work / "model-F32.gguf"
-        write_gguf(str(ckpt), str(f32), "f32", show_progress=False)
-        request = {"types": list(LLAMA_CPP_TYPES), "threads": torch.get_num_threads(), "decode_len": decode_len,
+    def __init__(self, python: str, source: Path, work: Path, workloads: dict, decode_len: int):
+        if source.suffix == ".gguf":
+            model, types, as_is = source, [layer_type(source)], True
+            self.matching = {"int4": types[0]}
+        else:
+            model, types, as_is = work / "model-F32.gguf", list(LLAMA_CPP_TYPES), False
+            write_gguf(str(source), str(model), "f32", show_progress=False)
+            self.matching = dict(zip(("float32", "bfloat16", "int8", "int4"), LLAMA_CPP_TYPES))
+        request = {"types": types, "as_is": as_is, "threads": torch.get_num_threads(), "decode_len": decode_len,
                    "prefill": workloads["prefill"][0][0], "short": workloads["decode_b1"][0][0],
                    "ragged": workloads["ragged"][0], "ragged_new": RAGGED_NEW}
         (work / "request.json").write_text(json.dumps(request))
         self.errors = (work / "llama_cpp.log").open("w+")
-        self.proc = subprocess.Popen([python, str(ROOT / "benchmarks" / "llama_cpp_worker.py"), str(f32), str(work),
-                                      str(work / "request.json")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.errors, text=True)
+        self.proc = subprocess.Popen([python, str(ROOT / "benchmarks" / "llama_cpp_worker.py"), str(model),
+                                      str(work), str(work / "request.json")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.errors, text=True)
         ready = self._reply()
-        self.systems = [LlamaCpp(kind, ready[kind], f32 if kind == "F32" else work / f"model-{kind}.gguf")
+        self.systems = [LlamaCpp(kind, ready[kind], model if as_is or kind == "F32" else work / f"model-{kind}.gguf")
                         for kind in ready]
 
     def _reply(self) -> dict:
@@ -294,13 +311,15 @@ def text_prompts(tokenizer):
 
 def step_weight_bytes(model) -> int:
     """Bytes of weights a batch-1 decode step reads: every weight but the embedding table (one row
-    of it is read), quantized projections at their packed size with their scales, shared tensors once."""
+    of it is read), quantized projections at their packed size with their scales (and zeros), shared
+    tensors once."""
     seen, total = set(), 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if weight is None or isinstance(module, ParallelEmbedding):
             continue
-        for t in (weight.data, weight.scales) if isinstance(weight, QuantizedWeight) else (weight,):
+        parts = (weight.data, weight.scales, weight.zeros) if isinstance(weight, QuantizedWeight) else (weight,)
+        for t in (t for t in parts if t is not None):
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.nbytes
@@ -329,7 +348,7 @@ def main():
     parser.add_argument("--precisions", nargs="*", default=[], choices=["float32", "bfloat16", "int8", "int4"],
                         help="also run this package at these precisions (int8/int4: quantize= on --dtype)")
     parser.add_argument("--llama_cpp", metavar="PYTHON", help="a Python with llama-cpp-python: also run llama.cpp "
-                        "(F32, BF16, Q8_0, Q4_0 of the same weights; --shape only)")
+                        "(F32, BF16, Q8_0, Q4_0 of the same weights; with --model, the GGUF file as it is)")
     parser.add_argument("--speculative", default=None,
                         help='also run this package with speculative decoding: "ngram" or a draft checkpoint')
     a = parser.parse_args()
@@ -374,9 +393,7 @@ def main():
                 s.run(prompts, n)
     cpp = None
     if a.llama_cpp:
-        if a.model:
-            raise SystemExit("--llama_cpp runs on --shape checkpoints (the SmolLM2 GGUF is already llama.cpp's)")
-        cpp = LlamaCppWorker(a.llama_cpp, ckpt, Path(tmp.name), workloads, a.decode_len)
+        cpp = LlamaCppWorker(a.llama_cpp, path if a.model else ckpt, Path(tmp.name), workloads, a.decode_len)
         answers.update({c.name: c.tokens for c in cpp.systems})
     times = {s.name: {w: [] for w in workloads} for s in systems + (cpp.systems if cpp else [])}
     bandwidths = []
@@ -431,10 +448,9 @@ def main():
               f"| {f('decode_b1_tok_s', '.1f')} | {read} | {f('decode_b8_tok_s', '.1f')} | {f('ragged_s', '.2f')} |")
     base = rows[ours.name]
     pairs = [(ours.name, name) for name in rows if name != ours.name and not name.startswith("llama.cpp")]
-    if a.llama_cpp:  # each precision (eager and compiled) against llama.cpp's matching type
-        matching = dict(zip(("float32", "bfloat16", "int8", "int4"), LLAMA_CPP_TYPES))
-        pairs += [(v.name, f"llama.cpp, {matching[v.name.split(', ')[1]]}") for v in variants
-                  if v.name.split(", ")[1] in matching]
+    if cpp:  # each precision (eager and compiled) against llama.cpp's matching type
+        pairs += [(v.name, f"llama.cpp, {cpp.matching[v.name.split(', ')[1]]}") for v in variants
+                  if v.name.split(", ")[1] in cpp.matching]
     for left, right in pairs:
         ratios = {k: (rows[right][k] / rows[left][k] if not k.endswith("tok_s") else rows[left][k] / rows[right][k])
                   for k in ("ragged_s", "decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s")

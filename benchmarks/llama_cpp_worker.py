@@ -5,7 +5,8 @@ llama-cpp-python (it needs neither torch nor this package), on a GGUF export of 
 
 REQUEST.json: {"types": ["F32", "BF16", "Q8_0", "Q4_0"], "threads": 2, "decode_len": 48,
 "prefill": [ids], "short": [ids], "ragged": [[ids], ...], "ragged_new": 16}. Each type other than F32
-is made from the F32 file with llama.cpp's own quantizer (llama_model_quantize). Every type is
+is made from the F32 file with llama.cpp's own quantizer (llama_model_quantize); with "as_is": true,
+the file is run as it is, under its one type's name (e.g. ["Q4_1"]). Every type is
 loaded and warmed up, then the worker prints one JSON line (per type: the file's bytes and the
 greedy tokens of the ragged prompts, to compare with this package's) and serves its caller, which
 interleaves llama.cpp's runs with its own so that both meet the same machine: for each line read,
@@ -27,8 +28,8 @@ FTYPES = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32, "BF16": llama_cpp.LLAMA_FTYPE_MO
           "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
 
 
-def quantized(f32: str, work: str, kind: str, threads: int) -> str:
-    if kind == "F32":
+def quantized(f32: str, work: str, kind: str, threads: int, as_is: bool) -> str:
+    if kind == "F32" or as_is:
         return f32
     out = os.path.join(work, f"model-{kind}.gguf")
     if not os.path.exists(out):
@@ -66,7 +67,7 @@ def main() -> None:
     n_ctx = max(len(request["prefill"]), max(map(len, request["ragged"]))) + request["decode_len"] + 32
     models, ready = {}, {}
     for kind in request["types"]:
-        path = quantized(f32, work, kind, threads)
+        path = quantized(f32, work, kind, threads, request.get("as_is", False))
         models[kind] = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads,
                                        n_threads_batch=threads, verbose=False)
         ready[kind] = {"bytes": os.path.getsize(path), "ragged_tokens": workload(models[kind], request, "ragged")}
