@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import gguf
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -78,11 +79,26 @@ def open_tensor_file(path: Path):
     return _TorchFile(path)
 
 
+class _GGUFReader(gguf.GGUFReader):
+    """gguf's reader on a plain numpy view of the file's memory map (the same pages): the reader
+    slices its array once or twice per value of the metadata (half a million times for a 49k-token
+    vocabulary with its merges), and each slice of a numpy.memmap runs Python code of its own; a
+    plain array's do not (SmolLM2's file opens in 0.5 s instead of 1.6)."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._array
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._array = np.asarray(value)  # a view: the memmap stays alive as its base
+
+
 def open_gguf(path: Path) -> gguf.GGUFReader:
     """A memory-mapped view of a GGUF file (llama.cpp's format): its metadata fields and tensor
     list, no tensor data read. A damaged file is a ValueError naming it, never a numpy traceback."""
     try:
-        return gguf.GGUFReader(path)
+        return _GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, OSError) as e:
         if isinstance(e, (PermissionError, FileNotFoundError)):
             raise
