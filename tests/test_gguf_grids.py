@@ -6,6 +6,8 @@ copy, the default group size, and what the bfloat16 scales move."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileTy
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from device import DEVICE
+from device import DEVICE, need_processes, subprocess_env
 from llama import Llama
 from llama.files import load_shard
 from llama.gguf import GGUFWeightReader, four_bit_grids, gguf_name
@@ -26,6 +28,7 @@ from llama.parallel import shard_dim
 from llama.quantization import Scheme, dequantize, from_grids, is_projection, quantize_int4
 from llama.quantize import quantize_checkpoint
 
+ROOT = Path(__file__).resolve().parent.parent
 Q4 = [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K]
 TOKENS = [[1, 45, 300, 12, 77, 8, 150, 9, 260, 33], [1, 7, 7, 7, 99, 400, 2, 5, 6, 10]]
 
@@ -210,3 +213,35 @@ def test_smollm2_default_keeps_its_grids(smollm2_gguf):
     zero = t.zero.float().repeat_interleave(32, 1)
     bound = (8 * t.scale.float().abs().repeat_interleave(32, 1) + zero.abs()) * 2**-7  # rounded values: room
     assert ((dequantize(t) - reader.read(key)).abs() <= bound).all()
+
+
+def test_smollm2_int4_split_over_three_processes(smollm2_gguf, tmp_path):
+    """torchrun, 3 processes (gloo), quantize="int4" on SmolLM2's Q4_1 file: each rank keeps the
+    grids of its rows, or of its 192 and 512 columns of wo and w2 (6 and 16 whole groups), so the
+    ranks hold the weights one process holds and round the same blocks of activations: the
+    gathered logits, greedy tokens and log-probabilities are one process's up to rounding. 16
+    tokens in all, so that every product, the prompt's too, goes through the kernels that sum in
+    float32 (more rows multiply bfloat16 weights in bfloat16, which rounds each rank's part of a
+    row-parallel product where one process rounds the whole). Those kernels round each block of
+    32 activations to 15-bit integers, where the two runs' float32 sums, summed in other orders,
+    can round a value the other way: 2^-15 of its block at most, for each of 210 products (30
+    layers of 7), independent, about sqrt(210) 2^-15 = 2^-11 of the logits' size; allowed: 2^-9
+    of it (measured: 2^-12). A rank reading another's grids would be off by whole logits."""
+    need_processes(3)
+    tokens = [row[:8] for row in TOKENS]
+    out = tmp_path / "logits.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+           str(ROOT / "tests" / "mp_gguf.py"), str(smollm2_gguf), str(out), json.dumps(tokens),
+           json.dumps({"quantize": "int4"})]
+    run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(out)
+    one = Llama.build(str(smollm2_gguf), max_seq_len=64, max_batch_size=len(tokens), device=DEVICE,
+                      dtype="float32", quantize="int4")
+    with torch.inference_mode():
+        expected = one.model.forward(torch.tensor(tokens), 0)
+    atol = 2**-9 * expected.abs().max().item()
+    torch.testing.assert_close(got["logits"], expected, atol=atol, rtol=0)
+    answers, logprobs = one.generate(tokens, 8, temperature=0, logprobs=True, stop_token=-1)
+    assert got["tokens"] == answers
+    assert max(abs(a - b) for row, want in zip(got["logprobs"], logprobs) for a, b in zip(row, want)) < 2 * atol
