@@ -4,8 +4,8 @@
 
 The estimate needs only params.json, or a Hugging Face config.json (and tokenizer.model for the
 vocabulary size, else 32016), or a GGUF file's metadata; for a hub id (owner/name) only those files
-are fetched. A quantized
-checkpoint's params.json says its scheme; --quantize estimates quantizing as it loads.
+are fetched. A quantized checkpoint's params.json says its scheme; --quantize estimates quantizing
+as it loads.
 """
 
 import argparse
@@ -18,7 +18,7 @@ from llama import hub
 from llama.checkpoint import read_params
 from llama.cli import reports_user_errors
 from llama.files import read_json
-from llama.hf import read_config
+from llama.hf import read_config, tied_embeddings
 from llama.gguf import GGUFWeightReader
 from llama.loading import gguf_file, model_args
 from llama.model import ModelArgs
@@ -37,18 +37,21 @@ from llama.tokenizer import Tokenizer
 GiB = 2**30
 
 
-def weight_bytes(args: ModelArgs, mp: int, bytes_per_param: int, scheme: Optional[Scheme] = None) -> int:
+def weight_bytes(args: ModelArgs, mp: int, bytes_per_param: int, scheme: Optional[Scheme] = None,
+                 tied: bool = False) -> int:
     """Bytes of one model-parallel rank's weights (norms are replicated, the rest split); with a
-    quantization scheme, the projections as its kernels hold them."""
+    quantization scheme, the projections as its kernels hold them. tied: the output layer is the
+    embedding, one tensor on one process (split two ways, by columns and by rows, on several)."""
     d, hd, f, v = args.dim, args.head_dim, args.ffn_hidden_dim, args.vocab_size
     replicated = (2 * args.n_layers + 1) * d
+    tables = 1 if tied and mp == 1 else 2  # the embedding and the output layer
     if scheme is None:
         per_layer = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2 + 3 * d * f
-        return ((2 * v * d + args.n_layers * per_layer) // mp + replicated) * bytes_per_param
+        return ((tables * v * d + args.n_layers * per_layer) // mp + replicated) * bytes_per_param
     shapes = [(args.n_heads * hd // mp, d), (args.n_kv_heads * hd // mp, d), (args.n_kv_heads * hd // mp, d),
               (d, args.n_heads * hd // mp), (f // mp, d), (d, f // mp), (f // mp, d)]  # wq wk wv wo w1 w2 w3
     per_layer = sum(quantized_bytes(n, k, scheme) for n, k in shapes)
-    return (2 * v * d // mp + replicated) * bytes_per_param + args.n_layers * per_layer
+    return (tables * v * d // mp + replicated) * bytes_per_param + args.n_layers * per_layer
 
 
 def kv_cache_bytes(args, batch_size: int, seq_len: int, mp: int, bytes_per_value: int) -> int:
@@ -68,16 +71,18 @@ def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtyp
     """Bytes per process of weights, KV cache and working tensors (see main); quantize, group_size:
     as Llama.build takes them."""
     folder = Path(hub.resolve(ckpt_dir, weights=False))  # a hub id: its config and tokenizer only
-    vocab, grid_group = 32016, None
+    vocab, grid_group, tied = 32016, None, False
     if (folder / "tokenizer.model").is_file():
         vocab = Tokenizer(str(folder / "tokenizer.model")).n_words
     path = gguf_file(str(folder)) if folder.exists() else None
     if path is not None:  # llama.cpp's one file: its metadata, and the rows of its embedding
         reader = GGUFWeightReader(path, 0, 1)
         params, where, vocab, grid_group = reader.params(), str(path), reader.vocab_rows(), reader.grid_group
+        tied = reader.tied
     elif (folder / "config.json").is_file() and not (folder / "params.json").is_file():  # Hugging Face's layout
         params, where = read_config(folder), str(folder / "config.json")
         vocab = read_json(folder / "config.json").get("vocab_size", vocab)
+        tied = tied_embeddings(folder)
     else:
         params, where = read_params(folder), str(folder / "params.json")
     args = model_args(params, vocab, max_seq_len, max_batch_size, where)
@@ -85,7 +90,7 @@ def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtyp
                             grid_group)
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     return {
-        "weights": weight_bytes(args, mp, size, scheme),
+        "weights": weight_bytes(args, mp, size, scheme, tied),
         "kv_cache": kv_cache_bytes(args, max_batch_size, max_seq_len, mp, size),
         "working": working_bytes(args, max_batch_size, mp, min(chunk, max_seq_len), size),
     }

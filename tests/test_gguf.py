@@ -20,6 +20,7 @@ from llama import Llama, distributed
 from llama.files import load_shard
 from llama.gguf import GGUFWeightReader, gguf_name
 from llama.loading import Placement, load_model
+from llama.memory import estimate
 from llama.model import ModelArgs
 from llama.parallel import shard_dim
 
@@ -112,6 +113,13 @@ def test_tied_output_layer_is_the_embedding_on_one_process(smollm2):
     """At MP=1 the tied output layer and the embedding are one tensor (no second dequantized copy)."""
     model = smollm2.model
     assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+
+
+def test_memory_estimate_counts_a_tied_table_once(smollm2, smollm2_gguf):
+    """python -m llama.memory on the file: its float32 weights are the bytes the built model holds,
+    the tied embedding and output layer counted once."""
+    held = {p.data_ptr(): p.nbytes for p in smollm2.model.parameters()}  # each storage once
+    assert estimate(str(smollm2_gguf), 64, 2, 1, "float32")["weights"] == sum(held.values())
 
 
 def test_smollm2_hyper_parameters(smollm2_gguf):
