@@ -172,10 +172,10 @@ class GGUFWeightReader:
             why = UNUSED_TENSORS.get(unknown[0], "not part of a Llama model")
             raise ValueError(f"{str(path)!r} holds {len(unknown)} tensor(s) that cannot be loaded, e.g. "
                              f"{unknown[0]} ({why})")
-        projections = [t for k, t in self.tensors.items() if k.startswith("layers.") and k.endswith(".weight")
-                       and len(t.shape) == 2]
-        # The projections stored in 4-bit grids (any of them): int4 in groups of theirs keeps them as they are.
-        self.grid_group = GRID_COLUMNS if any(t.tensor_type in GRID_TYPES for t in projections) else None
+        # The projections stored on 4-bit grids: int4 in groups of theirs keeps them as they are.
+        self.grid_keys = frozenset(k for k, t in self.tensors.items() if k.startswith("layers.")
+                                   and len(t.shape) == 2 and t.tensor_type in GRID_TYPES)
+        self.grid_group = GRID_COLUMNS if self.grid_keys else None
         self.tied = "output.weight" not in self.tensors and "tok_embeddings.weight" in self.tensors
         if self.tied:
             self.tensors["output.weight"] = self.tensors["tok_embeddings.weight"]

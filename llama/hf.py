@@ -187,6 +187,7 @@ class HFReader:
             )
         self._handles: Dict[Path, object] = {}
         self.grid_group = None  # only unquantized weights are read
+        self.grid_keys = frozenset()
 
     def describe(self) -> str:
         return ", ".join(sorted({p.name for p in self.files.values()}))

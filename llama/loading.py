@@ -8,7 +8,7 @@ declares it."""
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Protocol, Set, Tuple
+from typing import Dict, FrozenSet, List, Optional, Protocol, Set, Tuple
 
 import torch
 from tqdm import tqdm
@@ -26,6 +26,7 @@ from llama.quantization import (
     Scheme,
     declared_scheme,
     from_grids,
+    input_group,
     input_widths,
     install,
     is_projection,
@@ -42,9 +43,10 @@ class WeightReader(Protocol):
     gguf.GGUFWeightReader (llama.cpp's)."""
 
     tied: bool  # output.weight is the input embedding, read again (split by rows)
-    # The group size of the 4-bit grids the projections are stored in (a GGUF file's Q4 blocks: 32),
-    # None where they are stored as floats
+    # The group size of the 4-bit grids projections are stored on (a GGUF file's Q4 blocks: 32), and
+    # which projections are (grids() reads them); None and none where they are stored as floats
     grid_group: Optional[int]
+    grid_keys: FrozenSet[str]
 
     def describe(self) -> str:
         """The files read, for messages and progress bars."""
@@ -235,6 +237,8 @@ def load_model(
         raise ValueError(problem)
     with torch.device("meta"):
         model = Transformer(args)
+    if scheme is not None and declared is None:
+        scheme = finer_projections(scheme, reader)
     expected = {k: tuple(p.shape) for k, p in model.state_dict().items()}
     layout = stored_layout(expected, declared)
     available = set(reader.keys())
@@ -243,6 +247,12 @@ def load_model(
         files = f"{reader.describe()} in {str(folder)!r}"
         raise ValueError(_missing_error(missing, set(expected), declared, files, source))
     unused = sorted(available - set(layout) - set(UNUSED_KEYS))
+    if unused and declared is not None and unused[0].endswith(".zero"):  # a projection declared int8 (no zero)
+        raise ValueError(
+            f"{reader.describe()} in {str(folder)!r} hold(s) {unused[0]}, which {source.name} declares no place "
+            f"for ({declared.describe()}: held in int8, without zeros): the file and {source.name} disagree on how "
+            "that projection is stored; write the checkpoint again with python -m llama.quantize"
+        )
     if unused:
         raise ValueError(
             f"{reader.describe()} in {str(folder)!r} hold(s) {len(unused)} weight(s) that the model {source.name} "
@@ -286,7 +296,7 @@ def stored_layout(expected: Dict[str, Tuple[int, ...]],
     layout = {}
     for key, shape in expected.items():
         if declared is not None and is_projection(key):
-            layout.update(stored_tensors(key, shape, declared))
+            layout.update(stored_tensors(key, shape, declared.for_key(key)))
         else:
             layout[key] = (shape, None)
     return layout
@@ -298,6 +308,7 @@ def read_quantized(reader: WeightReader, key: str, scheme: Scheme, declared: Opt
     the scheme or stores the weight on the scheme's grids (stored_grids), else quantized from its
     full-precision slice (read as stored, on `device`).
     check_in: the checkpoint folder, to check that the weight (or its scales) are finite."""
+    scheme = scheme.for_key(key)
     if declared is not None:
         names = list(stored_tensors(key, reader.shape(key), scheme))
         values, scale, *zero = (reader.read(name) for name in names)
@@ -315,6 +326,19 @@ def read_quantized(reader: WeightReader, key: str, scheme: Scheme, declared: Opt
             if part is not None:
                 check_finite(name, part, part.dtype, check_in)
     return t
+
+
+def finer_projections(scheme: Scheme, reader: WeightReader) -> Scheme:
+    """`scheme` holding in int8 the projections that int4 in the groups of the checkpoint's 4-bit
+    grids (a GGUF file's) would quantize again from more bits: those the file stores otherwise
+    (llama.cpp's Q4_K_M files keep attn_v and half of ffn_down in Q6_K, the tensors it finds most
+    sensitive; quantized again to 4 bits they make nearly all of an int4 model's difference from
+    the file, README), and the projections that read the same input as one of them (input_group:
+    a group joined into one product holds one format)."""
+    if scheme.mode != "int4" or scheme.group_size != reader.grid_group:
+        return scheme
+    finer = [key for key in reader.keys() if is_projection(key) and key not in reader.grid_keys]
+    return dataclasses.replace(scheme, int8=frozenset(k for key in finer for k in input_group(key)))
 
 
 def stored_grids(reader: WeightReader, key: str, scheme: Scheme) -> Optional[QuantizedTensors]:

@@ -20,7 +20,7 @@ from llama.cli import reports_user_errors
 from llama.files import read_json
 from llama.hf import read_config, tied_embeddings
 from llama.gguf import GGUFWeightReader
-from llama.loading import gguf_file, model_args
+from llama.loading import finer_projections, gguf_file, model_args
 from llama.model import ModelArgs
 from llama.prefix_cache import default_budget_bytes
 from llama.quantization import (
@@ -48,10 +48,13 @@ def weight_bytes(args: ModelArgs, mp: int, bytes_per_param: int, scheme: Optiona
     if scheme is None:
         per_layer = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2 + 3 * d * f
         return ((tables * v * d + args.n_layers * per_layer) // mp + replicated) * bytes_per_param
-    shapes = [(args.n_heads * hd // mp, d), (args.n_kv_heads * hd // mp, d), (args.n_kv_heads * hd // mp, d),
-              (d, args.n_heads * hd // mp), (f // mp, d), (d, f // mp), (f // mp, d)]  # wq wk wv wo w1 w2 w3
-    per_layer = sum(quantized_bytes(n, k, scheme) for n, k in shapes)
-    return (tables * v * d // mp + replicated) * bytes_per_param + args.n_layers * per_layer
+    shapes = {"wq": (args.n_heads * hd // mp, d), "wk": (args.n_kv_heads * hd // mp, d),
+              "wv": (args.n_kv_heads * hd // mp, d), "wo": (d, args.n_heads * hd // mp), "w1": (f // mp, d),
+              "w2": (d, f // mp), "w3": (f // mp, d)}
+    per_layer = sum(quantized_bytes(n, k, scheme) for n, k in shapes.values())
+    finer = sum(quantized_bytes(*shapes[key.split(".")[3]], Scheme("int8"))
+                - quantized_bytes(*shapes[key.split(".")[3]], scheme) for key in scheme.int8)  # held in int8
+    return (tables * v * d // mp + replicated) * bytes_per_param + args.n_layers * per_layer + finer
 
 
 def kv_cache_bytes(args, batch_size: int, seq_len: int, mp: int, bytes_per_value: int) -> int:
@@ -88,6 +91,8 @@ def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtyp
     args = model_args(params, vocab, max_seq_len, max_batch_size, where)
     scheme = resolve_scheme(quantize, group_size, declared_scheme(params, where), input_widths(args, mp), where,
                             grid_group)
+    if path is not None and scheme is not None:
+        scheme = finer_projections(scheme, reader)
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     return {
         "weights": weight_bytes(args, mp, size, scheme, tied),

@@ -13,7 +13,9 @@ half a step (scale / 2) of its dequantized value.
 
 Weights a GGUF file stores on 4-bit grids of 32 columns (Q4_0, Q4_1, Q4_K) are not quantized again
 for int4 in groups of 32 (the default for such a file): their codes are kept, with the grids' scales
-and zeros rounded to bfloat16 (`from_grids`).
+and zeros rounded to bfloat16 (`from_grids`); the projections such a file stores with more bits are
+held in int8, with those that read the same input (`Scheme.int8`, chosen by
+loading.finer_projections).
 
 Each model-parallel rank quantizes its own slice. An int4 group never crosses a slice (the group size
 must divide every local input width). The rows of a row-parallel layer (wo, w2) are split over the
@@ -27,7 +29,7 @@ unpacked, one a byte (int8; uint8 for int4), beside `<name>.scale` and, for int4
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -53,13 +55,21 @@ class Scheme:
 
     mode: str  # "int8" or "int4"
     group_size: Optional[int] = None  # int4: input columns that share a scale and a zero
+    int8: FrozenSet[str] = frozenset()  # int4: projections (checkpoint keys) held in int8 instead (finer_projections)
+
+    def for_key(self, key: str) -> "Scheme":
+        """The scheme projection `key` is held in."""
+        return Scheme("int8") if key in self.int8 else self
 
     def describe(self) -> str:
-        return self.mode if self.group_size is None else f"{self.mode} in groups of {self.group_size}"
+        text = self.mode if self.group_size is None else f"{self.mode} in groups of {self.group_size}"
+        n = len(self.int8)
+        return text + (f", {n} projection{'s' * (n > 1)} in int8" if n else "")
 
     def to_json(self) -> dict:
         """What params.json records under "quantization"."""
-        return {"mode": self.mode} if self.group_size is None else {"mode": self.mode, "group_size": self.group_size}
+        out = {"mode": self.mode} if self.group_size is None else {"mode": self.mode, "group_size": self.group_size}
+        return {**out, "int8": sorted(self.int8)} if self.int8 else out
 
 
 @dataclass
@@ -137,13 +147,17 @@ def declared_scheme(params: dict, where: str) -> Optional[Scheme]:
         return None
     mode = raw.get("mode") if isinstance(raw, dict) else None
     group_size = raw.get("group_size") if isinstance(raw, dict) else None
+    int8 = raw.get("int8", []) if isinstance(raw, dict) else None
     sized = is_int(group_size) and group_size in GROUP_SIZES
-    if mode not in MODES or (mode == "int4") != sized or set(raw) - {"mode", "group_size"}:
+    listed = isinstance(int8, list) and all(isinstance(k, str) and is_projection(k) for k in int8)
+    if (mode not in MODES or (mode == "int4") != sized or set(raw) - {"mode", "group_size", "int8"} or not listed
+            or (int8 and mode != "int4")):
         raise ValueError(
             f"{where}: {PARAMS_KEY!r} must be {{\"mode\": \"int8\"}} or {{\"mode\": \"int4\", \"group_size\": G}} with G "
-            f"one of {', '.join(map(str, GROUP_SIZES))}, as python -m llama.quantize writes it; got {raw!r}"
+            f"one of {', '.join(map(str, GROUP_SIZES))} (and, int4, \"int8\": a list of projections held in int8), as "
+            f"python -m llama.quantize writes it; got {raw!r}"
         )
-    return Scheme(mode, group_size)
+    return Scheme(mode, group_size, frozenset(int8))
 
 
 def refuse_quantized(params: dict, where: str, what: str) -> None:
@@ -175,6 +189,17 @@ def resolve_scheme(quantize: Optional[str], group_size: Optional[int], declared:
 
 
 # Keys of a quantized checkpoint ---------------------------------------------------------------------
+
+
+JOINED = (("wq", "wk", "wv"), ("w1", "w3"))  # projections that read one input: one product (model.SharedInput)
+
+
+def input_group(key: str) -> List[str]:
+    """Projection `key` and the projections of its layer that read the same input (JOINED), e.g.
+    layers.0.attention.wv.weight -> that layer's wq, wk and wv."""
+    parts = key.split(".")
+    names = next((names for names in JOINED if parts[3] in names), (parts[3],))
+    return [".".join([*parts[:3], name, *parts[4:]]) for name in names]
 
 
 def is_projection(key: str) -> bool:
@@ -304,6 +329,6 @@ def quantize_model(model: nn.Module, scheme: Scheme) -> nn.Module:
     Llama.build(quantize=...) does as the weights load); returns the model."""
     for key, weight in list(model.state_dict().items()):
         if is_projection(key):
-            install(model, key, kernel_weight(quantize_shard(key, weight, scheme), weight.device))
+            install(model, key, kernel_weight(quantize_shard(key, weight, scheme.for_key(key)), weight.device))
     join_shared_inputs(model)  # their joined float weights are stale
     return model

@@ -29,6 +29,7 @@ from llama.loading import (
     WeightReader,
     check_degree,
     checkpoint_folder,
+    finer_projections,
     model_args,
     open_checkpoint,
     params_file,
@@ -61,7 +62,8 @@ def quantized_state(key: str, tensor: torch.Tensor, scheme: Scheme, absmax: Dict
     file's, loading.stored_grids; `source` then reads the one shard written); any other tensor as it
     is. absmax: int8 row maxima of split rows, by key."""
     if is_projection(key):
-        return as_state(key, stored_grids(source, key, scheme) or quantize(tensor, scheme, absmax.get(key)))
+        held = scheme.for_key(key)
+        return as_state(key, stored_grids(source, key, held) or quantize(tensor, held, absmax.get(key)))
     return compact(key, tensor)
 
 
@@ -81,9 +83,10 @@ def quantize_checkpoint(src: str, dst: str, mode: str, group_size: Optional[int]
     args = model_args(params, whole.vocab_rows(), 1, 1, str(params_file(src)))
     check_degree(args, shards)
     scheme = choose_scheme(mode, group_size, input_widths(args, shards), whole.grid_group)
+    scheme = finer_projections(scheme, whole)
     # A row-parallel layer's rows are split over the shards; int8 scales each whole row.
     absmax = {k: row_absmax(whole.read(k)) for k in whole.keys()
-              if scheme.mode == "int8" and shards > 1 and is_projection(k) and shard_dim(k) == 1}
+              if shards > 1 and is_projection(k) and scheme.for_key(k).mode == "int8" and shard_dim(k) == 1}
     dst_dir.mkdir(parents=True, exist_ok=True)
     convert = functools.partial(quantized_state, scheme=scheme, absmax=absmax, source=whole)
     write_shards(src, dst_dir, shards, f"{whole.describe()} -> {scheme.describe()}", show_progress, convert)

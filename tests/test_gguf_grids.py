@@ -25,7 +25,15 @@ from llama.gguf_export import add_metadata, read_vocabulary
 from llama.loading import model_args, read_quantized
 from llama.memory import estimate, weight_bytes
 from llama.parallel import shard_dim
-from llama.quantization import Scheme, dequantize, from_grids, is_projection, quantize_int4
+from llama.quantization import (
+    Scheme,
+    dequantize,
+    from_grids,
+    input_group,
+    is_projection,
+    quantize_int4,
+    quantize_int8,
+)
 from llama.quantize import quantize_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,31 +125,40 @@ def q4_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
     return blocks.reshape(n, -1)
 
 
-@pytest.fixture(scope="module")
-def exact_q4_0(tiny_dir, tmp_path_factory):
+def write_q4_0_model(tiny_dir: Path, out: Path, finer=(), int8=()) -> tuple:
     """(a GGUF file of the tiny model, its vocabulary in it, with every projection Q4_0 with random
-    codes and scales of 4 significant bits, which float16 and bfloat16 both hold exactly; a
-    quantized checkpoint in Meta's layout, int4 in groups of 32, of the same codes, scales and
-    zeros (Q4_0's value of code 8 is 0), and the same float tensors)."""
+    codes and scales of 4 significant bits, which float16 and bfloat16 both hold exactly, except
+    `finer`, stored in Q8_0; a quantized checkpoint in Meta's layout, int4 in groups of 32 with
+    `int8` held in int8, of the same codes, scales and zeros (Q4_0's value of code 8 is 0), int8
+    weights quantized from the file's values, and the same float tensors)."""
     rng = np.random.default_rng(3)
-    out = tmp_path_factory.mktemp("q4_0")
     params = json.loads((tiny_dir / "params.json").read_text())
     tensors, reference = {}, {}
     for key, value in load_shard(tiny_dir / "consolidated.00.pth").items():
         if gguf_name(key) is None:
             continue
-        if is_projection(key):
-            n, k = value.shape
+        if not is_projection(key):
+            tensors[gguf_name(key)] = (value.float().numpy(), None)
+            reference[key] = value.float()
+            continue
+        n, k = value.shape
+        base = key[: -len(".weight")]
+        if key in finer:
+            raw = gguf_quantize(value.float().numpy(), GGMLQuantizationType.Q8_0)
+            tensors[gguf_name(key)] = (raw, GGMLQuantizationType.Q8_0)
+            values = torch.from_numpy(gguf_dequantize(raw, GGMLQuantizationType.Q8_0))
+        else:
             codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
             d = rng.integers(8, 16, (n, k // 32)) / 512 * rng.choice([-1, 1], (n, k // 32))
             tensors[gguf_name(key)] = (q4_0_bytes(codes, d), GGMLQuantizationType.Q4_0)
-            base = key[: -len(".weight")]
+            values = grid_values(torch.from_numpy(codes), torch.from_numpy(d).float(), -8 * torch.from_numpy(d).float())
             reference[key] = torch.from_numpy(codes)
             reference[f"{base}.scale"] = torch.from_numpy(d).to(torch.bfloat16)
             reference[f"{base}.zero"] = torch.zeros(n, k // 32, dtype=torch.bfloat16)
-        else:
-            tensors[gguf_name(key)] = (value.float().numpy(), None)
-            reference[key] = value.float()
+        if key in int8:
+            t = quantize_int8(values)
+            reference[key], reference[f"{base}.scale"] = t.values, t.scale
+            reference.pop(f"{base}.zero", None)
     path = out / "tiny-q4_0.gguf"
     writer = GGUFWriter(str(path), "llama")
     args = model_args(params, 520, 64, 1, str(tiny_dir))
@@ -155,9 +172,28 @@ def exact_q4_0(tiny_dir, tmp_path_factory):
     folder = out / "stored"
     folder.mkdir()
     torch.save(reference, folder / "consolidated.00.pth")
-    (folder / "params.json").write_text(json.dumps({**params, "quantization": {"mode": "int4", "group_size": 32}}))
+    scheme = {"mode": "int4", "group_size": 32, **({"int8": sorted(int8)} if int8 else {})}
+    (folder / "params.json").write_text(json.dumps({**params, "quantization": scheme}))
     shutil.copyfile(tiny_dir / "tokenizer.model", folder / "tokenizer.model")
     return path, folder
+
+
+@pytest.fixture(scope="module")
+def exact_q4_0(tiny_dir, tmp_path_factory):
+    """write_q4_0_model with every projection in Q4_0."""
+    return write_q4_0_model(tiny_dir, tmp_path_factory.mktemp("q4_0"))
+
+
+# llama.cpp's Q4_K_M keeps attn_v and ffn_down in Q6_K in some layers; here layer 1's, in Q8_0. wv is
+# joined with wq and wk into one product: all three are held in int8.
+FINER = ("layers.1.attention.wv.weight", "layers.1.feed_forward.w2.weight")
+HELD_IN_INT8 = ("layers.1.attention.wq.weight", "layers.1.attention.wk.weight", *FINER)
+
+
+@pytest.fixture(scope="module")
+def mixed_q4_0(tiny_dir, tmp_path_factory):
+    """write_q4_0_model with layer 1's wv and w2 in Q8_0."""
+    return write_q4_0_model(tiny_dir, tmp_path_factory.mktemp("mixed"), finer=FINER, int8=HELD_IN_INT8)
 
 
 def build(ckpt, **kw) -> Llama:
@@ -245,3 +281,69 @@ def test_smollm2_int4_split_over_three_processes(smollm2_gguf, tmp_path):
     answers, logprobs = one.generate(tokens, 8, temperature=0, logprobs=True, stop_token=-1)
     assert got["tokens"] == answers
     assert max(abs(a - b) for row, want in zip(got["logprobs"], logprobs) for a, b in zip(row, want)) < 2 * atol
+
+
+def test_projections_stored_with_more_bits_are_held_in_int8(mixed_q4_0):
+    """A 4-bit file whose layer 1 keeps wv and w2 in 8 bits: int4 keeps the grids of the others and
+    holds those two in int8 (a scale a row), with wq and wk (joined with wv into one product, which
+    still serves: the native layers' step takes the model); exactly the logits of the quantized
+    checkpoint holding the same, and python -m llama.quantize writes that checkpoint."""
+    path, stored = mixed_q4_0
+    kept, reference = build(path, quantize="int4"), build(stored)
+    layers = kept.model.layers
+    attention, ffn = layers[1].attention, layers[1].feed_forward
+    formats = {name: getattr(attention if name in ("wq", "wk", "wv", "wo") else ffn, name).weight.format
+               for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
+    assert formats == {"wq": "int8", "wk": "int8", "wv": "int8", "wo": "int4", "w1": "int4", "w2": "int8", "w3": "int4"}
+    assert layers[0].attention.wv.weight.format == "int4" and layers[1].attention.wqkv.joined() is not None
+    assert torch.equal(logits(kept), logits(reference))
+
+
+def test_quantized_copy_of_a_mixed_file(mixed_q4_0, tmp_path):
+    """python -m llama.quantize on the file writes the reference checkpoint: params.json lists the
+    projections held in int8, and every tensor is the reference's, bit for bit; the memory
+    estimate counts them in int8."""
+    path, stored = mixed_q4_0
+    out = quantize_checkpoint(str(path), str(tmp_path / "q"), "int4", show_progress=False)
+    declared = json.loads((out / "params.json").read_text())["quantization"]
+    assert declared == {"mode": "int4", "group_size": 32, "int8": sorted(HELD_IN_INT8)}
+    written, want = load_shard(out / "consolidated.00.pth"), load_shard(stored / "consolidated.00.pth")
+    assert written.keys() == want.keys()
+    for key, value in want.items():
+        assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
+    args = model_args(json.loads((stored / "params.json").read_text()), 520, 64, 1, "tiny")
+    assert estimate(str(path), 64, 1, 1, "float32", quantize="int4")["weights"] == weight_bytes(
+        args, 1, 4, Scheme("int4", 32, frozenset(HELD_IN_INT8)))
+
+
+def test_input_groups_are_the_models(tiny_dir):
+    """input_group names the projections the model joins into one product (its SharedInputs)."""
+    model = build(tiny_dir).model
+    names = {module: name for name, module in model.named_modules()}
+    groups = [m for m in model.modules() if type(m).__name__ == "SharedInput"]
+    assert len(groups) == 2 * model.params.n_layers
+    for group in groups:
+        keys = [f"{names[layer]}.weight" for layer in group.layers]
+        assert all(input_group(key) == keys for key in keys)
+    assert input_group("layers.1.attention.wo.weight") == ["layers.1.attention.wo.weight"]
+
+
+def test_mixed_file_split_over_two_processes(mixed_q4_0, tmp_path):
+    """torchrun, 2 processes: the int8 projections' scales come from whole rows (w2's rows are
+    split: a MAX over the ranks), the rest from the file's grids, so the ranks hold one process's
+    weights: its logits up to rounding (2 layers: 2^-9 of the logits' size, as the SmolLM2 split
+    above allows for 30), its greedy tokens."""
+    need_processes(2)
+    path, _ = mixed_q4_0
+    tokens = [row[:8] for row in TOKENS]
+    out = tmp_path / "logits.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "mp_gguf.py"), str(path), str(out), json.dumps(tokens), json.dumps({"quantize": "int4"})]
+    run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(out)
+    one = build(path, quantize="int4")
+    with torch.inference_mode():
+        expected = one.model.forward(torch.tensor(tokens), 0)
+    torch.testing.assert_close(got["logits"], expected, atol=2**-9 * expected.abs().max().item(), rtol=0)
+    assert got["tokens"] == one.generate(tokens, 8, temperature=0, stop_token=-1)[0]

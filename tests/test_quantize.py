@@ -516,6 +516,25 @@ def test_bad_declaration(int4_copy):
         build(int4_copy)
 
 
+@pytest.mark.parametrize("int8", [["norm.weight"], "layers.0.attention.wq.weight", [3]])
+def test_bad_list_of_projections_held_in_int8(int4_copy, int8):
+    params = json.loads((int4_copy / "params.json").read_text())
+    scheme = {"mode": "int4", "group_size": 32, "int8": int8}
+    (int4_copy / "params.json").write_text(json.dumps({**params, "quantization": scheme}))
+    with pytest.raises(ValueError, match="'quantization' must be.*a list of projections held in int8"):
+        build(int4_copy)
+
+
+def test_a_projection_listed_in_int8_must_be_stored_so(int4_copy):
+    """params.json says wq is held in int8, the file holds its int4 values: named, not misread."""
+    params = json.loads((int4_copy / "params.json").read_text())
+    scheme = {"mode": "int4", "group_size": 32, "int8": ["layers.0.attention.wq.weight"]}
+    (int4_copy / "params.json").write_text(json.dumps({**params, "quantization": scheme}))
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq\.zero, which params.json declares no place for "
+                                         r"\(int4 in groups of 32, 1 projection in int8: held in int8"):
+        build(int4_copy)
+
+
 def test_conversions_refuse_quantized_checkpoints(int8_dir, tmp_path):
     run = subprocess.run([sys.executable, "-m", "llama.convert", "to-hf", int8_dir, tmp_path / "hf"], cwd=ROOT,
                          capture_output=True, text=True)
