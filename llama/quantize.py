@@ -4,7 +4,8 @@
 
 SRC is a full-precision checkpoint: Meta's layout (any number of shards), Hugging Face's, or a GGUF
 file (whose tensors are dequantized first; for int4 in groups of 32, its default, the projections a
-GGUF stores on 4-bit grids, Q4_0, Q4_1 and Q4_K, keep them: llama.quantization.from_grids). DST gets
+GGUF stores on 4-bit grids, Q4_0, Q4_1 and Q4_K, keep them: llama.quantization.from_grids; those it
+stores with more bits are held in int8, listed in params.json: loading.finer_projections). DST gets
 as many consolidated.NN.pth shards as SRC has (one for the other layouts), each projection (wq wk
 wv wo w1 w2 w3) as its values, one a byte, beside its bfloat16 `.scale` (and, int4, `.zero`),
 everything else as SRC stores it; params.json with the scheme under "quantization"; SRC's tokenizer
