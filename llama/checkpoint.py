@@ -80,8 +80,7 @@ class ShardReader:
     def __init__(self, paths: List[Path], rank: int, mp_size: int):
         self.paths, self.rank, self.mp_size = paths, rank, mp_size
         self.tied = False  # Meta's checkpoints always carry output.weight
-        self.grid_group = None  # floats, or (python -m llama.quantize) values params.json declares
-        self.grid_keys = frozenset()
+        self.grid_keys = frozenset()  # floats, or (python -m llama.quantize) values params.json declares
         k = len(paths)
         # Shards overlapping the fraction [rank / mp_size, (rank + 1) / mp_size) of a split weight.
         self.needed = range(rank * k // mp_size, -(-(rank + 1) * k // mp_size))

@@ -175,7 +175,6 @@ class GGUFWeightReader:
         # The projections stored on 4-bit grids: int4 in groups of theirs keeps them as they are.
         self.grid_keys = frozenset(k for k, t in self.tensors.items() if k.startswith("layers.")
                                    and len(t.shape) == 2 and t.tensor_type in GRID_TYPES)
-        self.grid_group = GRID_COLUMNS if self.grid_keys else None
         self.tied = "output.weight" not in self.tensors and "tok_embeddings.weight" in self.tensors
         if self.tied:
             self.tensors["output.weight"] = self.tensors["tok_embeddings.weight"]

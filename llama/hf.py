@@ -186,8 +186,7 @@ class HFReader:
                 "embedding (tie_word_embeddings is false): the download is incomplete; download the weights again"
             )
         self._handles: Dict[Path, object] = {}
-        self.grid_group = None  # only unquantized weights are read
-        self.grid_keys = frozenset()
+        self.grid_keys = frozenset()  # only unquantized weights are read
 
     def describe(self) -> str:
         return ", ".join(sorted({p.name for p in self.files.values()}))

@@ -43,9 +43,8 @@ class WeightReader(Protocol):
     gguf.GGUFWeightReader (llama.cpp's)."""
 
     tied: bool  # output.weight is the input embedding, read again (split by rows)
-    # The group size of the 4-bit grids projections are stored on (a GGUF file's Q4 blocks: 32), and
-    # which projections are (grids() reads them); None and none where they are stored as floats
-    grid_group: Optional[int]
+    # The projections stored on 4-bit grids of gguf.GRID_COLUMNS columns (a GGUF file's Q4 blocks),
+    # which grids() reads; none where they are stored as floats
     grid_keys: FrozenSet[str]
 
     def describe(self) -> str:
@@ -73,9 +72,8 @@ class WeightReader(Protocol):
         ...
 
     def grids(self, key: str) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """This rank's part of `key` as the 4-bit grids of `grid_group` columns it is stored in (codes
-        (N, K) in 0..15; scale, low (N, K / grid_group): value = scale * code + low), or None where it
-        is not stored so."""
+        """This rank's part of `key` as the 4-bit grids of 32 columns it is stored in (codes (N, K) in
+        0..15; scale, low (N, K / 32): value = scale * code + low), or None where it is not stored so."""
         ...
 
 
@@ -231,7 +229,8 @@ def load_model(
     if isinstance(reader, ShardReader):
         reader.check_complete(args.dim)
     check_degree(args, mp_size)
-    scheme = resolve_scheme(quantize, group_size, declared, input_widths(args, mp_size), str(source), reader.grid_group)
+    widths = input_widths(args, mp_size)
+    scheme = resolve_scheme(quantize, group_size, declared, widths, str(source), grid_group(reader))
     problem = scheme and quantized_device_problem(scheme.mode, device)
     if problem:
         raise ValueError(problem)
@@ -328,6 +327,16 @@ def read_quantized(reader: WeightReader, key: str, scheme: Scheme, declared: Opt
     return t
 
 
+def grid_group(reader: WeightReader) -> Optional[int]:
+    """The group size of the 4-bit grids the checkpoint stores projections on (None: it stores none)."""
+    return gguf.GRID_COLUMNS if reader.grid_keys else None
+
+
+def keeps_grids(scheme: Scheme, reader: WeightReader) -> bool:
+    """Whether `scheme` holds the checkpoint's stored 4-bit grids as they are: int4 in groups of theirs."""
+    return scheme.mode == "int4" and scheme.group_size == grid_group(reader)
+
+
 def finer_projections(scheme: Scheme, reader: WeightReader) -> Scheme:
     """`scheme` holding in int8 the projections that int4 in the groups of the checkpoint's 4-bit
     grids (a GGUF file's) would quantize again from more bits: those the file stores otherwise
@@ -335,7 +344,7 @@ def finer_projections(scheme: Scheme, reader: WeightReader) -> Scheme:
     sensitive; quantized again to 4 bits they make nearly all of an int4 model's difference from
     the file, README), and the projections that read the same input as one of them (input_group:
     a group joined into one product holds one format)."""
-    if scheme.mode != "int4" or scheme.group_size != reader.grid_group:
+    if not keeps_grids(scheme, reader):
         return scheme
     finer = [key for key in reader.keys() if is_projection(key) and key not in reader.grid_keys]
     return dataclasses.replace(scheme, int8=frozenset(k for key in finer for k in input_group(key)))
@@ -344,7 +353,7 @@ def finer_projections(scheme: Scheme, reader: WeightReader) -> Scheme:
 def stored_grids(reader: WeightReader, key: str, scheme: Scheme) -> Optional[QuantizedTensors]:
     """Projection `key` (this rank's share) with its stored 4-bit grids as they are (from_grids),
     where `scheme` is int4 in groups of theirs and the checkpoint stores it so; else None."""
-    if scheme.mode != "int4" or scheme.group_size != reader.grid_group:
+    if not keeps_grids(scheme, reader):
         return None
     grids = reader.grids(key)
     return None if grids is None else from_grids(*grids)

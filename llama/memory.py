@@ -20,7 +20,7 @@ from llama.cli import reports_user_errors
 from llama.files import read_json
 from llama.hf import read_config, tied_embeddings
 from llama.gguf import GGUFWeightReader
-from llama.loading import finer_projections, gguf_file, model_args
+from llama.loading import finer_projections, gguf_file, grid_group, model_args
 from llama.model import ModelArgs
 from llama.prefix_cache import default_budget_bytes
 from llama.quantization import (
@@ -74,13 +74,13 @@ def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtyp
     """Bytes per process of weights, KV cache and working tensors (see main); quantize, group_size:
     as Llama.build takes them."""
     folder = Path(hub.resolve(ckpt_dir, weights=False))  # a hub id: its config and tokenizer only
-    vocab, grid_group, tied = 32016, None, False
+    vocab, grids, tied = 32016, None, False
     if (folder / "tokenizer.model").is_file():
         vocab = Tokenizer(str(folder / "tokenizer.model")).n_words
     path = gguf_file(str(folder)) if folder.exists() else None
     if path is not None:  # llama.cpp's one file: its metadata, and the rows of its embedding
         reader = GGUFWeightReader(path, 0, 1)
-        params, where, vocab, grid_group = reader.params(), str(path), reader.vocab_rows(), reader.grid_group
+        params, where, vocab, grids = reader.params(), str(path), reader.vocab_rows(), grid_group(reader)
         tied = reader.tied
     elif (folder / "config.json").is_file() and not (folder / "params.json").is_file():  # Hugging Face's layout
         params, where = read_config(folder), str(folder / "config.json")
@@ -90,7 +90,7 @@ def estimate(ckpt_dir: str, max_seq_len: int, max_batch_size: int, mp: int, dtyp
         params, where = read_params(folder), str(folder / "params.json")
     args = model_args(params, vocab, max_seq_len, max_batch_size, where)
     scheme = resolve_scheme(quantize, group_size, declared_scheme(params, where), input_widths(args, mp), where,
-                            grid_group)
+                            grids)
     if path is not None and scheme is not None:
         scheme = finer_projections(scheme, reader)
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()

@@ -31,6 +31,7 @@ from llama.loading import (
     check_degree,
     checkpoint_folder,
     finer_projections,
+    grid_group,
     model_args,
     open_checkpoint,
     params_file,
@@ -83,7 +84,7 @@ def quantize_checkpoint(src: str, dst: str, mode: str, group_size: Optional[int]
     shards = len(whole.paths) if isinstance(whole, ShardReader) else 1
     args = model_args(params, whole.vocab_rows(), 1, 1, str(params_file(src)))
     check_degree(args, shards)
-    scheme = choose_scheme(mode, group_size, input_widths(args, shards), whole.grid_group)
+    scheme = choose_scheme(mode, group_size, input_widths(args, shards), grid_group(whole))
     scheme = finer_projections(scheme, whole)
     # A row-parallel layer's rows are split over the shards; int8 scales each whole row.
     absmax = {k: row_absmax(whole.read(k)) for k in whole.keys()

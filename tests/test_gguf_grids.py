@@ -22,7 +22,7 @@ from llama import Llama
 from llama.files import load_shard
 from llama.gguf import GGUFWeightReader, four_bit_grids, gguf_name
 from llama.gguf_export import add_metadata, read_vocabulary
-from llama.loading import model_args, read_quantized
+from llama.loading import grid_group, model_args, read_quantized
 from llama.memory import estimate, weight_bytes
 from llama.parallel import shard_dim
 from llama.quantization import (
@@ -102,7 +102,7 @@ def test_each_rank_reads_its_grids(tiny_dir, tmp_path, qtype):
 
     path = tiny_gguf(tiny_dir, tmp_path / "tiny.gguf", qtype=qtype)
     whole, ranks = GGUFWeightReader(path, 0, 1), [GGUFWeightReader(path, rank, 2) for rank in range(2)]
-    assert whole.grid_group == 32
+    assert grid_group(whole) == 32
     projections = [key for key in whole.keys() if is_projection(key)]
     for key in projections:
         for part, full in zip(zip(*(r.grids(key) for r in ranks)), whole.grids(key)):
@@ -338,7 +338,8 @@ def test_mixed_file_split_over_two_processes(mixed_q4_0, tmp_path):
     tokens = [row[:8] for row in TOKENS]
     out = tmp_path / "logits.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "mp_gguf.py"), str(path), str(out), json.dumps(tokens), json.dumps({"quantize": "int4"})]
+           str(ROOT / "tests" / "mp_gguf.py"), str(path), str(out), json.dumps(tokens),
+           json.dumps({"quantize": "int4"})]
     run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(out)
