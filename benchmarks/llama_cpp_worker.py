@@ -1,7 +1,7 @@
 """llama.cpp's side of benchmarks/generate.py --llama_cpp: run with the Python that has
 llama-cpp-python (it needs neither torch nor this package), on a GGUF export of the same weights.
 
-    PYTHON_WITH_LLAMA_CPP benchmarks/llama_cpp_worker.py MODEL_F32.gguf WORK_DIR REQUEST.json
+    PYTHON_WITH_LLAMA_CPP benchmarks/llama_cpp_worker.py MODEL.gguf WORK_DIR REQUEST.json   # F32, or any with as_is
 
 REQUEST.json: {"types": ["F32", "BF16", "Q8_0", "Q4_0"], "threads": 2, "decode_len": 48,
 "prefill": [ids], "short": [ids], "ragged": [[ids], ...], "ragged_new": 16}. Each type other than F32
@@ -28,15 +28,16 @@ FTYPES = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32, "BF16": llama_cpp.LLAMA_FTYPE_MO
           "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
 
 
-def quantized(f32: str, work: str, kind: str, threads: int, as_is: bool) -> str:
+def quantized(source: str, work: str, kind: str, threads: int, as_is: bool) -> str:
+    """The file of type `kind`: `source` itself (F32, or any type with as_is), else made from it."""
     if kind == "F32" or as_is:
-        return f32
+        return source
     out = os.path.join(work, f"model-{kind}.gguf")
     if not os.path.exists(out):
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = FTYPES[kind]
         params.nthread = threads
-        rc = llama_cpp.llama_model_quantize(f32.encode(), out.encode(), ctypes.byref(params))
+        rc = llama_cpp.llama_model_quantize(source.encode(), out.encode(), ctypes.byref(params))
         if rc != 0:
             raise SystemExit(f"llama_model_quantize to {kind} failed ({rc})")
     return out
@@ -62,12 +63,12 @@ def timed(fn):
 
 
 def main() -> None:
-    f32, work, request = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
+    source, work, request = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
     threads = request["threads"]
     n_ctx = max(len(request["prefill"]), max(map(len, request["ragged"]))) + request["decode_len"] + 32
     models, ready = {}, {}
     for kind in request["types"]:
-        path = quantized(f32, work, kind, threads, request.get("as_is", False))
+        path = quantized(source, work, kind, threads, request.get("as_is", False))
         models[kind] = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads,
                                        n_threads_batch=threads, verbose=False)
         ready[kind] = {"bytes": os.path.getsize(path), "ragged_tokens": workload(models[kind], request, "ragged")}

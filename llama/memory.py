@@ -52,8 +52,8 @@ def weight_bytes(args: ModelArgs, mp: int, bytes_per_param: int, scheme: Optiona
               "wv": (args.n_kv_heads * hd // mp, d), "wo": (d, args.n_heads * hd // mp), "w1": (f // mp, d),
               "w2": (d, f // mp), "w3": (f // mp, d)}
     per_layer = sum(quantized_bytes(n, k, scheme) for n, k in shapes.values())
-    finer = sum(quantized_bytes(*shapes[key.split(".")[3]], Scheme("int8"))
-                - quantized_bytes(*shapes[key.split(".")[3]], scheme) for key in scheme.int8)  # held in int8
+    held = [(shapes[key.split(".")[3]], scheme.for_key(key)) for key in scheme.int8]  # held in int8
+    finer = sum(quantized_bytes(*shape, own) - quantized_bytes(*shape, scheme) for shape, own in held)
     return (tables * v * d // mp + replicated) * bytes_per_param + args.n_layers * per_layer + finer
 
 

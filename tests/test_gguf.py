@@ -133,18 +133,22 @@ def test_smollm2_hyper_parameters(smollm2_gguf):
     assert torch.equal(reader.read("output.weight"), reader.read("tok_embeddings.weight"))
 
 
+def run_split(path: Path, processes: int, tokens: list, out: Path, **build) -> dict:
+    """tests/mp_gguf.py under torchrun (gloo): Llama.build on the GGUF file `path` (with `build`'s
+    arguments) over `processes` processes; rank 0's {"logits", "tokens", "logprobs"} for `tokens`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           str(ROOT / "tests" / "mp_gguf.py"), str(path), str(out), json.dumps(tokens), json.dumps(build)]
+    run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(out)
+
+
 def test_smollm2_split_over_three_processes(smollm2, smollm2_gguf, smollm2_logits, tmp_path):
     """torchrun, 3 processes (gloo), Llama.build on the file: each rank dequantizes its rows or
     block-aligned columns (and the tied output layer's rows); the gathered logits, greedy tokens and
     log-probabilities are those of one process."""
-    out = tmp_path / "logits.pt"
     need_processes(3)
-    env = subprocess_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-           str(ROOT / "tests" / "mp_gguf.py"), str(smollm2_gguf), str(out), json.dumps(TOKENS)]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = torch.load(out)
+    got = run_split(smollm2_gguf, 3, TOKENS, tmp_path / "logits.pt")
     torch.testing.assert_close(got["logits"], smollm2_logits, atol=1e-4, rtol=0)
     tokens, logprobs = smollm2.generate(TOKENS, 8, temperature=0, logprobs=True, stop_token=-1)
     assert got["tokens"] == tokens

@@ -6,8 +6,6 @@ copy, the default group size, and what the bfloat16 scales move."""
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileTy
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from device import DEVICE, need_processes, subprocess_env
+from device import DEVICE, need_processes
 from llama import Llama
 from llama.files import load_shard
 from llama.gguf import GGUFWeightReader, four_bit_grids, gguf_name
@@ -35,8 +33,8 @@ from llama.quantization import (
     quantize_int8,
 )
 from llama.quantize import quantize_checkpoint
+from test_gguf import run_split, tiny_gguf
 
-ROOT = Path(__file__).resolve().parent.parent
 Q4 = [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K]
 TOKENS = [[1, 45, 300, 12, 77, 8, 150, 9, 260, 33], [1, 7, 7, 7, 99, 400, 2, 5, 6, 10]]
 
@@ -98,8 +96,6 @@ def test_each_rank_reads_its_grids(tiny_dir, tmp_path, qtype):
     """2 ranks: each rank's grids are its slice of the whole tensor's (rows, or 32 of 64 columns);
     4 ranks cut a row-parallel layer's 64 columns into 16, through its groups: no grids (the loader
     then says which group sizes fit)."""
-    from test_gguf import tiny_gguf
-
     path = tiny_gguf(tiny_dir, tmp_path / "tiny.gguf", qtype=qtype)
     whole, ranks = GGUFWeightReader(path, 0, 1), [GGUFWeightReader(path, rank, 2) for rank in range(2)]
     assert grid_group(whole) == 32
@@ -265,13 +261,7 @@ def test_smollm2_int4_split_over_three_processes(smollm2_gguf, tmp_path):
     of it (measured: 2^-12). A rank reading another's grids would be off by whole logits."""
     need_processes(3)
     tokens = [row[:8] for row in TOKENS]
-    out = tmp_path / "logits.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-           str(ROOT / "tests" / "mp_gguf.py"), str(smollm2_gguf), str(out), json.dumps(tokens),
-           json.dumps({"quantize": "int4"})]
-    run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = torch.load(out)
+    got = run_split(smollm2_gguf, 3, tokens, tmp_path / "logits.pt", quantize="int4")
     one = Llama.build(str(smollm2_gguf), max_seq_len=64, max_batch_size=len(tokens), device=DEVICE,
                       dtype="float32", quantize="int4")
     with torch.inference_mode():
@@ -336,13 +326,7 @@ def test_mixed_file_split_over_two_processes(mixed_q4_0, tmp_path):
     need_processes(2)
     path, _ = mixed_q4_0
     tokens = [row[:8] for row in TOKENS]
-    out = tmp_path / "logits.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "mp_gguf.py"), str(path), str(out), json.dumps(tokens),
-           json.dumps({"quantize": "int4"})]
-    run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = torch.load(out)
+    got = run_split(path, 2, tokens, tmp_path / "logits.pt", quantize="int4")
     one = build(path, quantize="int4")
     with torch.inference_mode():
         expected = one.model.forward(torch.tensor(tokens), 0)
